@@ -1,0 +1,287 @@
+"""The packed expert format: one contiguous byte buffer per expert, described by a msgpack manifest.
+
+An expert is the three matrices of a Mixtral FFN, ``y = w2 · (silu(w1 · x) * (w3 · x))``:
+
+    w1: [I, H]   gate projection        (I = intermediate size, H = hidden size)
+    w3: [I, H]   up projection
+    w2: [H, I]   down projection
+
+Each matrix is either hqq-quantized (bits 2/3/4/8, grouped along the input axis, ``axis=1``, the layout
+gemlite's ``A16Wn`` consumes) and stored as three tensors ``W_q`` (packed integers), ``scale`` and
+``zero`` (fp16), or kept as is (bits 16) as one tensor ``weight``. All tensors of one expert live in one
+buffer at 256-byte aligned offsets, so moving an expert is one copy and every tensor is a zero-copy view.
+
+The workers own this format; the coordinator only reads manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import msgpack
+import numpy as np
+import torch
+import xxhash
+
+FORMAT_VERSION = 1
+ALIGN = 256
+MATRICES = ("w1", "w3", "w2")
+QUANT_BITS = (2, 3, 4, 8)
+ALL_BITS = QUANT_BITS + (16,)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "uint8": torch.uint8, "int32": torch.int32, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "float32": torch.float32,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """``"float16"`` -> ``torch.float16``; a clear error for anything else."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True, order=True)
+class ExpertKey:
+    """Identifies one expert of the model."""
+
+    layer: int
+    """Decoder layer index, 0-based."""
+    expert: int
+    """Expert index within the layer, 0-based."""
+
+    def __str__(self) -> str:
+        return f"L{self.layer}E{self.expert}"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How experts are quantized. hqq 0.2.8 keeps scales and zeros in fp16, so smaller groups cost bits:
+    measured on a 14336x4096 matrix, 2-bit g16 is 4.0 bits/weight (relative error 0.30), 2-bit g64 2.5
+    bits (0.43), 3-bit g64 3.7 bits (0.18), 4-bit g64 4.5 bits (0.09). g64 is the default: it is the
+    size/error knee and the group size gemlite's kernels are tuned for."""
+
+    bits: int = 2
+    """2, 3, 4 or 8 (hqq), or 16 for the checkpoint's weights unchanged (exact mode)."""
+    group_size: int = 64
+    """Weights per (scale, zero) pair, along the input dimension. Ignored for bits 16."""
+    compute_dtype: str = "float16"
+    """Dtype of scale/zero and of dequantized weights."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in ALL_BITS:
+            raise ValueError(f"expert bits must be one of {ALL_BITS}, got {self.bits}")
+        if self.bits != 16 and (self.group_size <= 0 or self.group_size % 8):
+            raise ValueError(f"group size must be a positive multiple of 8, got {self.group_size}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "compute_dtype": self.compute_dtype}
+
+
+EXACT = QuantSpec(bits=16)
+INT2 = QuantSpec(bits=2, group_size=64)
+INT3 = QuantSpec(bits=3, group_size=64)
+INT4 = QuantSpec(bits=4, group_size=64)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in an expert's buffer."""
+
+    offset: int
+    """Byte offset from the start of the expert buffer (a multiple of ALIGN)."""
+    nbytes: int
+    """Length in bytes."""
+    shape: tuple[int, ...]
+    """Tensor shape."""
+    dtype: str
+    """Torch dtype name, e.g. "uint8", "float16"."""
+
+
+@dataclass(frozen=True)
+class MatrixEntry:
+    """One of w1/w3/w2: its logical shape, how it is quantized and its stored tensors."""
+
+    shape: tuple[int, int]
+    """Logical [out, in] shape of the weight."""
+    bits: int
+    """Quantization bits, 16 = stored unquantized as tensor "weight"."""
+    group_size: int
+    """hqq group size (0 for bits 16)."""
+    packing: str
+    """hqq packing name ("2bit_u8", "3bit_32", ...), "" for bits 16."""
+    compute_dtype: str
+    """Dtype hqq dequantizes into."""
+    tensors: Mapping[str, TensorEntry]
+    """"W_q", "scale", "zero" (quantized) or "weight" (bits 16)."""
+
+
+@dataclass(frozen=True)
+class ExpertManifest:
+    """Describes one packed expert buffer. Serialized with msgpack; travels with every fetch."""
+
+    key: ExpertKey
+    """Which expert."""
+    nbytes: int
+    """Total buffer length."""
+    checksum: int
+    """xxh3_64 of the whole buffer."""
+    matrices: Mapping[str, MatrixEntry]
+    """"w1", "w3", "w2"."""
+    fingerprint: str = ""
+    """Fingerprint of the source checkpoint and quantization settings."""
+    version: int = FORMAT_VERSION
+    """Format version."""
+
+    def to_msgpack(self) -> bytes:
+        mats = {
+            name: {"shape": list(m.shape), "bits": m.bits, "group_size": m.group_size, "packing": m.packing,
+                   "compute_dtype": m.compute_dtype,
+                   "tensors": {t: {"offset": e.offset, "nbytes": e.nbytes, "shape": list(e.shape),
+                                   "dtype": e.dtype} for t, e in m.tensors.items()}}
+            for name, m in self.matrices.items()
+        }
+        return msgpack.packb({"version": self.version, "layer": self.key.layer, "expert": self.key.expert,
+                              "nbytes": self.nbytes, "checksum": self.checksum,
+                              "fingerprint": self.fingerprint, "matrices": mats})
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> ExpertManifest:
+        try:
+            d = msgpack.unpackb(data)
+            if d["version"] != FORMAT_VERSION:
+                raise ValueError(f"manifest version {d['version']}, this code reads {FORMAT_VERSION}")
+            mats = {
+                name: MatrixEntry(
+                    shape=tuple(m["shape"]), bits=m["bits"], group_size=m["group_size"], packing=m["packing"],
+                    compute_dtype=m["compute_dtype"],
+                    tensors={t: TensorEntry(e["offset"], e["nbytes"], tuple(e["shape"]), e["dtype"])
+                             for t, e in m["tensors"].items()})
+                for name, m in d["matrices"].items()
+            }
+            return cls(key=ExpertKey(d["layer"], d["expert"]), nbytes=d["nbytes"], checksum=d["checksum"],
+                       matrices=mats, fingerprint=d["fingerprint"], version=d["version"])
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+            raise ValueError(f"malformed expert manifest: {e}") from e
+
+
+def checksum(buf: np.ndarray | bytes | memoryview | torch.Tensor) -> int:
+    """xxh3_64 of a byte buffer (a CPU uint8 tensor, numpy array, bytes or memoryview)."""
+    if isinstance(buf, torch.Tensor):
+        buf = buf.numpy()
+    return xxhash.xxh3_64_intdigest(memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _quantize_matrix(weight: torch.Tensor, spec: QuantSpec) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """hqq-quantizes one [out, in] weight; returns its stored tensors and matrix metadata."""
+    if spec.bits == 16:
+        return {"weight": weight.contiguous()}, {"bits": 16, "group_size": 0, "packing": "",
+                                                 "compute_dtype": dtype_name(weight.dtype)}
+    from hqq.core.quantize import Quantizer  # heavy import, only where quantization happens
+
+    if weight.shape[1] % spec.group_size:
+        raise ValueError(f"input dim {weight.shape[1]} not divisible by group size {spec.group_size}")
+    w_q, meta = Quantizer.quantize(weight, nbits=spec.bits, group_size=spec.group_size, axis=1,
+                                   optimize=True, device=str(weight.device))
+    cdt = dtype_of(spec.compute_dtype)
+    tensors = {"W_q": w_q.contiguous(), "scale": meta["scale"].to(cdt).contiguous(),
+               "zero": meta["zero"].to(cdt).contiguous()}
+    return tensors, {"bits": spec.bits, "group_size": spec.group_size, "packing": meta["packing"],
+                     "compute_dtype": spec.compute_dtype}
+
+
+def pack_expert(key: ExpertKey, weights: Mapping[str, torch.Tensor], spec: QuantSpec,
+                fingerprint: str = "") -> tuple[np.ndarray, ExpertManifest]:
+    """Quantizes w1/w3/w2 (CPU tensors, [out, in]) and packs them into one buffer + manifest."""
+    parts: list[tuple[str, str, torch.Tensor]] = []
+    metas: dict[str, dict[str, Any]] = {}
+    for name in MATRICES:
+        tensors, meta = _quantize_matrix(weights[name], spec)
+        metas[name] = meta | {"shape": tuple(weights[name].shape)}
+        parts += [(name, t, v.cpu()) for t, v in tensors.items()]
+    entries: dict[str, dict[str, TensorEntry]] = {m: {} for m in MATRICES}
+    offset = 0
+    for name, t, v in parts:
+        nbytes = v.numel() * v.element_size()
+        entries[name][t] = TensorEntry(offset, nbytes, tuple(v.shape), dtype_name(v.dtype))
+        offset = _align(offset + nbytes)
+    buf = np.zeros(offset, dtype=np.uint8)
+    for name, t, v in parts:
+        e = entries[name][t]
+        buf[e.offset:e.offset + e.nbytes] = v.contiguous().view(torch.uint8).reshape(-1).numpy()
+    mats = {m: MatrixEntry(shape=metas[m]["shape"], bits=metas[m]["bits"], group_size=metas[m]["group_size"],
+                           packing=metas[m]["packing"], compute_dtype=metas[m]["compute_dtype"],
+                           tensors=entries[m]) for m in MATRICES}
+    return buf, ExpertManifest(key=key, nbytes=offset, checksum=checksum(buf), matrices=mats,
+                               fingerprint=fingerprint)
+
+
+def tensor_views(buf: torch.Tensor, manifest: ExpertManifest) -> dict[str, dict[str, torch.Tensor]]:
+    """Zero-copy typed views of every stored tensor in a uint8 buffer (any device)."""
+    if buf.dtype != torch.uint8 or buf.numel() < manifest.nbytes:
+        raise ValueError(f"buffer of {buf.numel()} {buf.dtype} cannot hold expert {manifest.key} "
+                         f"({manifest.nbytes} bytes)")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, m in manifest.matrices.items():
+        out[name] = {t: buf[e.offset:e.offset + e.nbytes].view(dtype_of(e.dtype)).view(e.shape)
+                     for t, e in m.tensors.items()}
+    return out
+
+
+def hqq_meta(m: MatrixEntry, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, Any]:
+    """The meta dict hqq's Quantizer.dequantize (and HQQLinear / gemlite) expect for one matrix."""
+    from hqq.core.quantize import Quantizer
+
+    return {"nbits": m.bits, "group_size": m.group_size, "shape": torch.Size(m.shape), "scale": scale,
+            "zero": zero, "axis": 1, "packing": m.packing, "view_as_float": False,
+            "unpack_view_dtype": Quantizer.unpack_view_dtype[m.packing],
+            "compute_dtype": dtype_of(m.compute_dtype)}
+
+
+def dequantize_matrix(buf: torch.Tensor, manifest: ExpertManifest, name: str) -> torch.Tensor:
+    """The [out, in] weight of matrix ``name``, dequantized by hqq exactly as hqq itself would."""
+    m = manifest.matrices[name]
+    views = tensor_views(buf, manifest)[name]
+    if m.bits == 16:
+        return views["weight"]
+    from hqq.core.quantize import Quantizer
+
+    return Quantizer.dequantize(views["W_q"], hqq_meta(m, views["scale"], views["zero"]))
+
+
+def quant_fingerprint(source_fingerprint: str, spec: QuantSpec) -> str:
+    """Fingerprint of (checkpoint, quantization settings, format version): keys the on-disk cache."""
+    h = hashlib.sha256(f"{source_fingerprint}|{sorted(spec.as_dict().items())}|v{FORMAT_VERSION}".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Shapes of one model's experts, what the coordinator needs to preallocate cache slots."""
+
+    num_layers: int
+    """Decoder layers."""
+    num_experts: int
+    """Experts per layer."""
+    hidden_size: int
+    """H."""
+    intermediate_size: int
+    """I."""
+    top_k: int = 2
+    """Experts routed per token."""
+
+    def all_keys(self) -> list[ExpertKey]:
+        return [ExpertKey(layer, e) for layer in range(self.num_layers) for e in range(self.num_experts)]
