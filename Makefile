@@ -1,15 +1,20 @@
-# The two set-up commands: `make demo` and `make test`. Both create/refresh .venv first.
+# The two set-up commands: `make demo` and `make test`. Both create/refresh .venv first (reinstalling when
+# pyproject.toml or constraints.txt change), generate the protobuf code, then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+REPO_ENV := deploy/.generated/repo.env
 # CPU-only machines get the CPU torch wheel through constraints.txt; machines with CUDA keep pip's choice.
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints.txt")
+# Ray binds loopback only with this variable plus --node-ip-address=127.0.0.1 (our commands pass both).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`.
+PYTEST_ARGS ?=
 
-.PHONY: venv protos demo test clean
+.PHONY: venv protos demo test clean FORCE
 
-venv: $(STAMP) protos
+venv: $(STAMP) protos $(REPO_ENV)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +27,19 @@ $(STAMP): pyproject.toml constraints.txt
 protos: $(STAMP)
 	$(PY) -m protos
 
+# Where this checkout lives, for `ray up deploy/cluster.yaml` (the head's SSH shell sources it to find .venv).
+$(REPO_ENV): FORCE
+	@mkdir -p $(dir $@)
+	@printf '%s\n' "export MOE_REPO='$(CURDIR)'" 'export PATH="$$MOE_REPO/.venv/bin:$$PATH"' \
+		'export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0' > $@
+
+# The whole system on the embedded default model: local Ray on 127.0.0.1, deploy up, one prompt, deploy down.
+demo: venv
+	$(PY) -m deploy demo
+
+# pytest's own exit status fails the target (including 5, "no tests collected").
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) protos/*_pb2*.py protos/*_pb2.pyi
+	rm -rf $(VENV) $(dir $(REPO_ENV)) protos/*_pb2*.py protos/*_pb2.pyi
