@@ -1,0 +1,426 @@
+"""``RemoteSource``: the ExpertSource over expert worker processes (gRPC, plus shared memory when co-located).
+
+    source = RemoteSource(["127.0.0.1:50061", "127.0.0.1:50062"], timeout_s=10)
+    manifest = source.fetch_into(key, pinned_uint8_buffer)   # a copy, checksum verified
+    view = source.host_view(key)                             # zero-copy view of a co-located worker's shm, or None
+
+Paths, fastest first:
+
+- **zero-copy**: the worker runs on this host (same ``host_id``) and keeps its experts in POSIX shm. We map its
+  segment once (whole), unregistered from the resource tracker so our exit never unlinks the worker's memory,
+  and hand out views into it (``host_view``) or copy from it (``fetch_into``). Nothing crosses a socket.
+- **Ray object store**: a worker with ``storage == "ray"`` whose Ray actor handle was given (``actors=``): its
+  ObjectRefs are resolved with ``ray.get``, zero-copy on the same node.
+- **gRPC streaming**: ``FetchExpert`` chunks written straight into the caller's buffer, under a deadline.
+
+Every byte handed out is checked against the manifest's xxh3 checksum; a mismatch counts as DATA_LOSS and the next
+replica is tried. Replicas are tried co-located first, then round-robin; a replica that failed is tried last for
+``cooldown_s``. ``ExpertUnavailable`` when none works; each attempt has its own deadline (``timeout_s``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from expert_workers import wire
+from expert_workers.format import ExpertKey, ExpertLayout, ExpertManifest, checksum
+from expert_workers.source import ExpertNotFound, ExpertUnavailable
+from expert_workers.store import ExpertHandle, host_id, release_shm
+
+log = logging.getLogger(__name__)
+
+FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS,
+                  grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+"""Codes that are the replica's problem, not the request's: try another replica. (NOT_FOUND: a worker restarted
+with another shard.) INVALID_ARGUMENT and auth errors are ours and would fail everywhere: they are raised."""
+
+
+class DataLoss(RuntimeError):
+    """A payload failed its checksum, was truncated or did not match its manifest."""
+
+
+@dataclass
+class _Segment:
+    """One mapped shm segment of a co-located worker."""
+
+    shm: shared_memory.SharedMemory
+    tensor: torch.Tensor
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One worker address: its channel, what it told us, and its mapped shared memory."""
+
+    address: str
+    channel: grpc.Channel
+    stub: Any
+    info: wire.RemoteInfo
+    colocated: bool
+    down_until: float = 0.0
+    handles: dict[ExpertKey, ExpertHandle] = field(default_factory=dict)
+    segments: dict[str, _Segment] = field(default_factory=dict)
+    refs: dict[ExpertKey, Any] | None = None
+    shm_broken: bool = False
+
+
+def _map_segment(name: str, size: int) -> _Segment:
+    """Maps a worker's segment without letting this process's resource tracker unlink it at our exit."""
+    shm = shared_memory.SharedMemory(name=name)
+    # Python <= 3.12 registers every attached segment and unlinks it when this process exits: the worker's
+    # memory would vanish under it. 3.13 has track=False; unregistering is the portable equivalent.
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    if shm.size < size:
+        release_shm(shm)
+        raise DataLoss(f"shm segment {name} has {shm.size} bytes, the worker announced {size}")
+    return _Segment(shm, torch.frombuffer(shm.buf, dtype=torch.uint8, count=size))
+
+
+class RemoteSource:
+    """ExpertSource over expert worker processes. Thread-safe: fetches may run on many threads at once."""
+
+    def __init__(self, addresses: Sequence[str], *, timeout_s: float = 30.0, connect_timeout_s: float = 30.0,
+                 prefer_zero_copy: bool = True, chunk_bytes: int = 0, cooldown_s: float = 2.0,
+                 credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 actors: Mapping[str, Any] | None = None) -> None:
+        """``addresses``: HOST:PORT of every worker (all shards, all replicas). ``timeout_s``: deadline of one
+        fetch attempt. ``connect_timeout_s``: how long startup waits for a worker to answer GetInfo.
+        ``prefer_zero_copy``: False forces gRPC streaming even for co-located workers. ``chunk_bytes``: stream
+        chunk size (0 = server default). ``credentials`` (TLS) and ``metadata`` (e.g. an auth token) go on every
+        call. ``actors``: address -> Ray actor handle, for zero-copy reads of Ray-storage workers."""
+        if not addresses:
+            raise ValueError("RemoteSource needs at least one worker address")
+        self.timeout_s, self.prefer_zero_copy, self.chunk_bytes = timeout_s, prefer_zero_copy, chunk_bytes
+        self.cooldown_s, self._metadata = cooldown_s, tuple(metadata)
+        self._actors = dict(actors or {})
+        self._host_id = host_id()
+        self._lock = threading.Lock()
+        self._stats: dict[str, float] = {k: 0.0 for k in (
+            "fetches", "bytes_fetched", "grpc_fetches", "remote_fetches", "shm_copies", "zero_copy_reads",
+            "ray_reads", "checksum_failures", "failovers", "rpc_errors", "unavailable")}
+        self._manifests: dict[ExpertKey, ExpertManifest] = {}
+        self._verified: set[tuple[str, ExpertKey]] = set()
+        self._rr: dict[tuple[str, ...], itertools.count[int]] = {}
+        self._workers = [self._connect(a, credentials, connect_timeout_s) for a in dict.fromkeys(addresses)]
+        self._replicas = self._replica_map()
+        self._layout: ExpertLayout | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def _connect(self, address: str, credentials: grpc.ChannelCredentials | None, timeout_s: float) -> _Worker:
+        options = [("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES)]
+        channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
+                   else grpc.insecure_channel(address, options))
+        stub = wire.pb_grpc.ExpertServiceStub(channel)
+        try:
+            # wait_for_ready: a worker that is still starting (not yet bound) gets until the deadline
+            msg = stub.GetInfo(wire.info_request(), timeout=timeout_s, wait_for_ready=True, metadata=self._metadata)
+        except grpc.RpcError as e:
+            channel.close()
+            raise ExpertUnavailable(f"expert worker {address} did not answer GetInfo within {timeout_s}s: "
+                                    f"{e.code().name}: {e.details()}") from e
+        info = wire.info_from_pb(msg)
+        colocated = info.host_id == self._host_id
+        return _Worker(address, channel, stub, info, colocated)
+
+    def _replica_map(self) -> dict[ExpertKey, list[_Worker]]:
+        """key -> workers holding it; checks that the workers agree on the model and cover all of it."""
+        first = self._workers[0].info
+        for w in self._workers[1:]:
+            i = w.info
+            if (i.model_fingerprint, i.spec.bits, i.spec.group_size, i.num_layers, i.num_experts) != \
+                    (first.model_fingerprint, first.spec.bits, first.spec.group_size, first.num_layers, first.num_experts):
+                raise ValueError(
+                    f"expert workers disagree: {self._workers[0].address} serves model {first.model_fingerprint[:8]} "
+                    f"at {first.spec.bits} bits g{first.spec.group_size} ({first.num_layers}x{first.num_experts}), "
+                    f"{w.address} serves {i.model_fingerprint[:8]} at {i.spec.bits} bits g{i.spec.group_size} "
+                    f"({i.num_layers}x{i.num_experts})")
+        replicas: dict[ExpertKey, list[_Worker]] = {}
+        for w in self._workers:
+            for k in w.info.experts:
+                replicas.setdefault(k, []).append(w)
+        all_keys = [ExpertKey(layer, e) for layer in range(first.num_layers) for e in range(first.num_experts)]
+        missing = [k for k in all_keys if k not in replicas]
+        if missing:
+            raise ValueError(f"the {len(self._workers)} expert workers do not cover {len(missing)} of "
+                             f"{len(all_keys)} experts (e.g. {', '.join(map(str, missing[:4]))}); "
+                             "start the missing shards")
+        return replicas
+
+    # ---- ExpertSource --------------------------------------------------------------------------------------
+    def layout(self) -> ExpertLayout:
+        """Layers and experts from GetInfo; hidden and intermediate size from an expert's w1 [I, H]."""
+        if self._layout is None:
+            info = self._workers[0].info
+            w1 = self.manifest(ExpertKey(0, 0)).matrices["w1"].shape
+            self._layout = ExpertLayout(num_layers=info.num_layers, num_experts=info.num_experts,
+                                        hidden_size=w1[1], intermediate_size=w1[0])
+        return self._layout
+
+    def workers(self) -> list[wire.RemoteInfo]:
+        """What every worker reported at connect time."""
+        return [w.info for w in self._workers]
+
+    def manifest(self, key: ExpertKey) -> ExpertManifest:
+        """The expert's manifest (GetExpertHandle on a live replica once; cached)."""
+        with self._lock:
+            if key in self._manifests:
+                return self._manifests[key]
+        errors: list[str] = []
+        for w in self._order(key):
+            try:
+                handle = self._handle(w, key)
+            except grpc.RpcError as e:
+                self._on_rpc_error(w, e, errors)
+                continue
+            with self._lock:
+                self._manifests[key] = handle.manifest
+            return handle.manifest
+        self._count("unavailable")
+        raise ExpertUnavailable(f"no replica answered for expert {key}: {'; '.join(errors)}")
+
+    def fetch_into(self, key: ExpertKey, out: torch.Tensor, timeout_s: float | None = None) -> ExpertManifest:
+        """Copies the expert into ``out[:nbytes]`` (CPU uint8, usually pinned) and verifies the checksum of what
+        landed there; tries the next replica on UNAVAILABLE, DEADLINE_EXCEEDED, DATA_LOSS."""
+        if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous CPU uint8 tensor, got {out.dtype} on {out.device}")
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        errors: list[str] = []
+        for attempt, w in enumerate(self._order(key)):
+            if attempt:
+                self._count("failovers")
+            try:
+                manifest = self._fetch_from(w, key, out, timeout)
+            except grpc.RpcError as e:
+                self._on_rpc_error(w, e, errors)
+                continue
+            except DataLoss as e:
+                self._count("checksum_failures")
+                self._mark_down(w)
+                errors.append(f"{w.address}: DATA_LOSS: {e}")
+                log.warning("expert %s from %s: %s; trying another replica", key, w.address, e)
+                continue
+            self._count("fetches")
+            self._count("bytes_fetched", manifest.nbytes)
+            return manifest
+        self._count("unavailable")
+        raise ExpertUnavailable(f"no replica could serve expert {key}: {'; '.join(errors)}")
+
+    def host_view(self, key: ExpertKey) -> torch.Tensor | None:
+        """Zero-copy CPU uint8 view of the expert in a co-located worker's memory (checksum verified the first
+        time), or None when no co-located replica is reachable (then use ``fetch_into``)."""
+        if not self.prefer_zero_copy:
+            return None
+        errors: list[str] = []
+        for w in self._order(key):
+            if not self._zero_copy_capable(w):
+                continue
+            try:
+                local = self._try_local_view(w, key)
+            except grpc.RpcError as e:
+                self._on_rpc_error(w, e, errors)
+                continue
+            except DataLoss:
+                self._count("checksum_failures")
+                self._mark_down(w)
+                continue
+            if local is None:
+                continue
+            view, manifest = local
+            if (w.info.worker_id, key) not in self._verified:
+                if checksum(view) != manifest.checksum:
+                    self._count("checksum_failures")
+                    self._mark_down(w)
+                    continue
+                with self._lock:
+                    self._verified.add((w.info.worker_id, key))
+            self._count("zero_copy_reads")
+            return view
+        return None
+
+    def stats(self) -> dict[str, float]:
+        """Counters: fetches, bytes_fetched, grpc_fetches (= remote_fetches), shm_copies, zero_copy_reads,
+        ray_reads, checksum_failures, failovers, rpc_errors, unavailable."""
+        with self._lock:
+            return dict(self._stats)
+
+    def worker_stats(self) -> dict[str, dict[str, float]]:
+        """Each worker's own counters (GetStats), by address; unreachable workers are left out."""
+        out = {}
+        for w in self._workers:
+            try:
+                out[w.address] = wire.stats_from_pb(w.stub.GetStats(wire.stats_request(), timeout=self.timeout_s,
+                                                                     metadata=self._metadata))
+            except grpc.RpcError:
+                continue
+        return out
+
+    def close(self) -> None:
+        """Closes channels and unmaps shared memory (views handed out keep their mapping alive)."""
+        for w in self._workers:
+            for seg in w.segments.values():
+                release_shm(seg.shm)
+            w.segments.clear()
+            w.channel.close()
+
+    def __enter__(self) -> RemoteSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- replica choice ------------------------------------------------------------------------------------
+    def _order(self, key: ExpertKey) -> list[_Worker]:
+        """Replicas to try: healthy co-located ones (zero-copy), healthy remote ones from a rotating start
+        (spreads load), then the ones in cooldown after a failure (better late than UNAVAILABLE)."""
+        try:
+            replicas = self._replicas[key]
+        except KeyError:
+            raise ExpertNotFound(f"no expert worker holds expert {key}") from None
+        now = time.monotonic()
+        group = tuple(w.address for w in replicas)  # one counter per replica set: keys of one shard rotate
+        with self._lock:
+            counter = self._rr.setdefault(group, itertools.count())
+        start = next(counter) % len(replicas)
+        rotated = replicas[start:] + replicas[:start]
+        healthy = [w for w in rotated if w.down_until <= now]
+        local = [w for w in healthy if self._zero_copy_capable(w)]
+        return local + [w for w in healthy if w not in local] + [w for w in rotated if w.down_until > now]
+
+    def _mark_down(self, w: _Worker) -> None:
+        w.down_until = time.monotonic() + self.cooldown_s
+        w.handles.clear()  # a restarted worker has a new segment: ask again
+
+    def _on_rpc_error(self, w: _Worker, e: grpc.RpcError, errors: list[str]) -> None:
+        code = e.code()
+        self._count("rpc_errors")
+        if code not in FAILOVER_CODES:
+            raise e  # INVALID_ARGUMENT, auth, ...: every replica would say the same
+        self._mark_down(w)
+        errors.append(f"{w.address}: {code.name}: {e.details()}")
+        log.info("expert worker %s: %s (%s); trying another replica", w.address, code.name, e.details())
+
+    def _count(self, name: str, n: float = 1) -> None:
+        with self._lock:
+            self._stats[name] += n
+
+    # ---- transports ----------------------------------------------------------------------------------------
+    def _zero_copy_capable(self, w: _Worker) -> bool:
+        if not (self.prefer_zero_copy and w.colocated):
+            return False
+        if w.shm_broken:
+            return False
+        return w.address in self._actors if w.info.storage == "ray" else w.info.storage == "shm"
+
+    def _fetch_from(self, w: _Worker, key: ExpertKey, out: torch.Tensor, timeout: float) -> ExpertManifest:
+        if self._zero_copy_capable(w):
+            view_or_none = self._try_local_view(w, key)
+            if view_or_none is not None:
+                view, manifest = view_or_none
+                self._check_room(key, manifest, out)
+                out[:manifest.nbytes].copy_(view)
+                self._count("shm_copies")
+                return self._verified_copy(out, manifest)
+        return self._stream(w, key, out, timeout)
+
+    def _try_local_view(self, w: _Worker, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest] | None:
+        """``_local_view``, or None (and gRPC from then on) when this worker's memory is not reachable here."""
+        try:
+            return self._local_view(w, key)
+        except (grpc.RpcError, DataLoss):
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. same host id but another /dev/shm (containers), Ray gone
+            log.warning("cannot read the memory of %s directly (%s: %s); using gRPC", w.address,
+                        type(e).__name__, e)
+            w.shm_broken = True
+            return None
+
+    def _handle(self, w: _Worker, key: ExpertKey) -> ExpertHandle:
+        h = w.handles.get(key)
+        if h is None:
+            msg = w.stub.GetExpertHandle(wire.handle_request(key), timeout=self.timeout_s, metadata=self._metadata)
+            h = w.handles[key] = wire.handle_from_pb(msg)
+        return h
+
+    def _local_view(self, w: _Worker, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest]:
+        """A view of the expert in the co-located worker's shm segment or Ray object (mapped once)."""
+        if w.info.storage == "ray":
+            return self._ray_view(w, key)
+        h = self._handle(w, key)
+        with self._lock:
+            seg = w.segments.get(h.shm_name)
+            if seg is None:
+                seg = w.segments[h.shm_name] = _map_segment(h.shm_name, h.segment_bytes)
+        if h.offset + h.length > seg.tensor.numel() or h.length != h.manifest.nbytes:
+            raise DataLoss(f"handle of {key} from {w.address} points outside its segment")
+        return seg.tensor[h.offset:h.offset + h.length], h.manifest
+
+    def _ray_view(self, w: _Worker, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest]:
+        import ray  # only with Ray-storage workers
+
+        if w.refs is None:
+            w.refs = ray.get(self._actors[w.address].object_refs.remote(), timeout=self.timeout_s)
+        array = ray.get(w.refs[key], timeout=self.timeout_s)
+        self._count("ray_reads")
+        with warnings.catch_warnings():  # object-store arrays are read-only; the view is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(array), self._handle(w, key).manifest
+
+    def _stream(self, w: _Worker, key: ExpertKey, out: torch.Tensor, timeout: float) -> ExpertManifest:
+        """FetchExpert into ``out``: chunks land at their offsets; the whole must be exactly the manifest's."""
+        call = w.stub.FetchExpert(wire.fetch_request(key, self.chunk_bytes), timeout=timeout, metadata=self._metadata)
+        dst = out.numpy()
+        manifest: ExpertManifest | None = None
+        received = 0
+        try:
+            for chunk in call:
+                if manifest is None:
+                    manifest = self._first_chunk(key, chunk, out)
+                end = chunk.offset + len(chunk.data)
+                if end > manifest.nbytes:
+                    raise DataLoss(f"chunk [{chunk.offset}, {end}) of {key} lies past its {manifest.nbytes} bytes")
+                dst[chunk.offset:end] = np.frombuffer(chunk.data, dtype=np.uint8)
+                received += len(chunk.data)
+        except BaseException:
+            call.cancel()
+            raise
+        if manifest is None or received != manifest.nbytes:
+            raise DataLoss(f"stream of {key} from {w.address} ended after {received} bytes"
+                           + (f" of {manifest.nbytes}" if manifest else " without a manifest"))
+        self._count("grpc_fetches")
+        self._count("remote_fetches")
+        return self._verified_copy(out, manifest)
+
+    def _first_chunk(self, key: ExpertKey, chunk: Any, out: torch.Tensor) -> ExpertManifest:
+        try:
+            manifest = ExpertManifest.from_msgpack(chunk.manifest)
+        except ValueError as e:
+            raise DataLoss(f"first chunk of {key}: {e}") from e
+        if manifest.key != key or manifest.nbytes != chunk.total_bytes:
+            raise DataLoss(f"asked for {key}, got a manifest for {manifest.key} of {manifest.nbytes} bytes "
+                           f"(total_bytes {chunk.total_bytes})")
+        self._check_room(key, manifest, out)
+        return manifest
+
+    @staticmethod
+    def _check_room(key: ExpertKey, manifest: ExpertManifest, out: torch.Tensor) -> None:
+        if out.numel() < manifest.nbytes:
+            raise ValueError(f"out has {out.numel()} bytes, expert {key} needs {manifest.nbytes}")
+
+    @staticmethod
+    def _verified_copy(out: torch.Tensor, manifest: ExpertManifest) -> ExpertManifest:
+        if checksum(out[:manifest.nbytes]) != manifest.checksum:
+            raise DataLoss(f"expert {manifest.key} fails its xxh3 checksum")
+        return manifest

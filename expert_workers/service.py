@@ -1,0 +1,218 @@
+"""The gRPC face of an ExpertStore: a servicer that only translates, and the server interceptors.
+
+- ``ExpertServicer``: request message -> store call -> response message (via ``wire``). No logic of its own.
+- ``ErrorMapping``: the one place exceptions become status codes; the server keeps serving after any of them.
+- ``FaultInjectionInterceptor``: test-only faults (delay, corrupted payload), off unless ``FaultInjection`` says so.
+
+Further cross-cutting concerns (an auth-token check, say) are more interceptors, passed to ``WorkerServer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from expert_workers import wire
+from expert_workers.source import ExpertNotFound, ExpertUnavailable
+from expert_workers.store import ExpertStore, WorkerNotReady
+
+log = logging.getLogger(__name__)
+
+
+class ExpertServicer(wire.pb_grpc.ExpertServiceServicer):  # type: ignore[misc,name-defined]
+    """moe.v1.ExpertService over one ExpertStore."""
+
+    def __init__(self, store: ExpertStore) -> None:
+        self.store = store
+
+    def GetInfo(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return wire.info_to_pb(self.store.info())
+
+    def FetchExpert(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        key = wire.key_from_pb(request)
+        size = wire.chunk_size(request.chunk_bytes)
+        manifest = self.store.manifest(key)  # fails before the stream starts, so the status is clean
+        for offset, piece in self.store.chunks(key, size):
+            yield wire.chunk_to_pb(offset, piece, manifest if offset == 0 else None)
+
+    def GetExpertHandle(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return wire.handle_to_pb(self.store.handle(wire.key_from_pb(request)))
+
+    def GetStats(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return wire.stats_to_pb(self.store.stats())
+
+
+class DataLossError(RuntimeError):
+    """Bytes failed their checksum (gRPC: DATA_LOSS)."""
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client sees for an exception raised while serving."""
+    msg = str(exc.args[0]) if exc.args else type(exc).__name__
+    if isinstance(exc, (WorkerNotReady, ExpertUnavailable)):
+        return grpc.StatusCode.UNAVAILABLE, msg
+    if isinstance(exc, (ExpertNotFound, KeyError)):
+        return grpc.StatusCode.NOT_FOUND, msg
+    if isinstance(exc, (ValueError, TypeError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, msg
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, msg
+    if isinstance(exc, DataLossError):
+        return grpc.StatusCode.DATA_LOSS, msg
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, msg
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[Any], Any],
+                  wrap_stream: Callable[[Any], Any]) -> grpc.RpcMethodHandler:
+    """The same handler with its unary-response or stream-response behaviour wrapped."""
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))  # type: ignore[attr-defined]
+    if handler.unary_stream is not None:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))  # type: ignore[attr-defined]
+    return handler  # no client-streaming RPCs in this service
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """Stands in for a request that did not parse, so the handler can answer INVALID_ARGUMENT (grpc itself
+    would answer INTERNAL)."""
+
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's malformed bytes
+            return _Malformed(f"{type(e).__name__}: {e}")
+    return parse
+
+
+def _check_parsed(request: Any) -> None:
+    if isinstance(request, _Malformed):
+        raise ValueError(f"malformed request: {request.error}")
+
+
+class ErrorMapping(grpc.ServerInterceptor):
+    """Turns any exception from a handler into ``context.abort(code, message)`` (see ``status_of``), and an
+    unparseable request into INVALID_ARGUMENT."""
+
+    def __init__(self, on_error: Callable[[grpc.StatusCode], None] | None = None) -> None:
+        self._on_error = on_error
+
+    def _abort(self, context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+        if context.code() not in (None, grpc.StatusCode.OK):  # the handler aborted itself: keep its status
+            raise exc
+        code, msg = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method)
+        if self._on_error is not None:
+            self._on_error(code)
+        context.abort(code, msg)
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+
+        def wrap_unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    _check_parsed(request)
+                    return fn(request, context)
+                except Exception as e:  # noqa: BLE001 - every error becomes a status; the server lives on
+                    self._abort(context, e, method)
+            return call
+
+        def wrap_stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    _check_parsed(request)
+                    yield from fn(request, context)
+                except Exception as e:  # noqa: BLE001
+                    self._abort(context, e, method)
+            return call
+
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        return _wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Faults a worker injects into its own answers, for failover tests. Off by default; never in production."""
+
+    delay_ms: int = 0
+    """Sleep this long before answering each call of ``methods``."""
+    corrupt_every: int = 0
+    """Flip one byte of the payload of every N-th FetchExpert stream (0 = never): the client must catch it."""
+    methods: tuple[str, ...] = ("FetchExpert", "GetExpertHandle")
+    """Short names of the RPCs the delay applies to."""
+    hold_load_while: str = ""
+    """Loading waits while this file exists: a test sees the worker bound but not ready, for as long as it likes."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.delay_ms > 0 or self.corrupt_every > 0 or bool(self.hold_load_while)
+
+    def wait_before_load(self, stop: threading.Event) -> None:
+        """Blocks while ``hold_load_while`` exists (or until ``stop`` is set)."""
+        while self.hold_load_while and os.path.exists(self.hold_load_while) and not stop.wait(0.05):
+            pass
+
+
+class FaultInjectionInterceptor(grpc.ServerInterceptor):
+    """Applies a FaultInjection to the service's responses."""
+
+    def __init__(self, fault: FaultInjection) -> None:
+        self.fault = fault
+        self._fetches = 0
+        self._lock = threading.Lock()
+
+    def _corrupt_this_one(self) -> bool:
+        if not self.fault.corrupt_every:
+            return False
+        with self._lock:
+            self._fetches += 1
+            return self._fetches % self.fault.corrupt_every == 0
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        name = details.method.rsplit("/", 1)[-1]
+        if handler is None:
+            return None
+        delay = self.fault.delay_ms / 1000 if name in self.fault.methods else 0.0
+        corrupt = name == "FetchExpert"
+
+        def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                time.sleep(delay)
+                return fn(request, context)
+            return call
+
+        def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                time.sleep(delay)
+                flip = corrupt and self._corrupt_this_one()
+                for i, msg in enumerate(fn(request, context)):
+                    if flip and i == 0 and msg.data:
+                        data = bytearray(msg.data)
+                        data[len(data) // 2] ^= 0xFF
+                        msg.data = bytes(data)
+                    yield msg
+            return call
+
+        return _wrap_handler(handler, wrap_unary, wrap_stream)
