@@ -1,0 +1,212 @@
+"""The hot expert cache: a per-layer LRU over preallocated device buffers, plus spare prefetch buffers.
+
+All slots live in one device ``arena`` of shape ``[buffers, slot_bytes]`` (uint8): row ``b`` is one contiguous
+buffer big enough for the largest packed expert, so loading an expert is one copy and computing reads
+zero-copy views of the row. Buffers are fungible: each layer owns exactly ``k`` of them (its LRU entries
+plus free ones) and the spare pool owns the rest. A prefetch fills a spare and evicts nothing; when the
+prefetched expert is used, its buffer joins the layer's LRU and the layer hands its least recently used
+buffer back to the spare pool (a swap of ownership, not a copy).
+
+This class is pure bookkeeping over buffer ids; copies and CUDA events live in ``coordinator.transfer``.
+It is used from one thread (the engine's).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from expert_workers.format import ExpertKey, ExpertManifest, tensor_views
+
+
+@dataclass
+class LayerCounters:
+    """Lookups of one layer's cache."""
+
+    hits: int = 0
+    """Used experts found resident (LRU or a prefetched spare)."""
+    misses: int = 0
+    """Used experts that had to be fetched on demand."""
+
+
+@dataclass
+class CacheCounters:
+    """Cumulative counters; ``uses == hits + misses`` by construction."""
+
+    layers: list[LayerCounters] = field(default_factory=list)
+    """Per layer."""
+    prefetch_issued: int = 0
+    """Prefetch loads started (predicted experts that were not cached); counted by the caller."""
+    prefetch_used: int = 0
+    """Prefetched experts later used while still in their spare buffer (counted as hits too)."""
+
+    @property
+    def hits(self) -> int:
+        return sum(c.hits for c in self.layers)
+
+    @property
+    def misses(self) -> int:
+        return sum(c.misses for c in self.layers)
+
+    def snapshot(self) -> dict[str, float]:
+        out: dict[str, float] = {"expert_uses": self.hits + self.misses, "cache_hits": self.hits,
+                                 "cache_misses": self.misses, "prefetch_issued": self.prefetch_issued,
+                                 "prefetch_used": self.prefetch_used}
+        for i, c in enumerate(self.layers):
+            out[f"layer{i}_hits"] = c.hits
+            out[f"layer{i}_misses"] = c.misses
+        return out
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Where a needed expert is right now."""
+
+    expert: int
+    """Expert index within the layer."""
+    buffer: int | None
+    """Arena row holding it, or None for a miss."""
+    prefetched: bool = False
+    """True when it sits in a spare buffer filled by prefetch (possibly still in flight)."""
+
+
+class ExpertCache:
+    """Per-layer LRU of ``slots_per_layer`` experts plus ``spares`` prefetch buffers, in one device arena."""
+
+    def __init__(self, num_layers: int, slots_per_layer: int, spares: int, slot_bytes: int,
+                 device: torch.device) -> None:
+        if slots_per_layer < 1:
+            raise ValueError(f"the expert cache needs at least 1 slot per layer, got {slots_per_layer}")
+        self.num_layers = num_layers
+        self.slots_per_layer = slots_per_layer
+        self.slot_bytes = slot_bytes
+        n = num_layers * slots_per_layer + spares
+        self.arena = torch.empty((n, slot_bytes), dtype=torch.uint8, device=device)
+        self.manifests: dict[int, ExpertManifest] = {}  # buffer -> manifest of what it holds (or is loading)
+        self._lru: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(num_layers)]  # expert -> buffer
+        self._free: list[list[int]] = [list(range(i * slots_per_layer, (i + 1) * slots_per_layer))
+                                       for i in range(num_layers)]
+        self._spare_free: list[int] = list(range(num_layers * slots_per_layer, n))
+        self._prefetched: OrderedDict[ExpertKey, int] = OrderedDict()  # oldest first
+        self._prefetch_unused: set[ExpertKey] = set()  # prefetched and not used yet (prefetch_used once each)
+        self.counters = CacheCounters(layers=[LayerCounters() for _ in range(num_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        return self.arena.numel()
+
+    # -- lookups -------------------------------------------------------------------------------------
+    def lookup(self, layer: int, experts: Iterable[int]) -> list[Lookup]:
+        """Classifies the experts one step needs, counts hits/misses and marks the resident ones most
+        recently used (a token's experts are looked up together, as in the README's measurement)."""
+        found: list[Lookup] = []
+        counters = self.counters.layers[layer]
+        for e in experts:
+            if e in self._lru[layer]:
+                self._lru[layer].move_to_end(e)
+                found.append(Lookup(e, self._lru[layer][e]))
+                counters.hits += 1
+            elif (buf := self._prefetched.get(ExpertKey(layer, e))) is not None:
+                found.append(Lookup(e, buf, prefetched=True))
+                counters.hits += 1
+                if ExpertKey(layer, e) in self._prefetch_unused:
+                    self._prefetch_unused.discard(ExpertKey(layer, e))
+                    self.counters.prefetch_used += 1
+            else:
+                found.append(Lookup(e, None))
+                counters.misses += 1
+        return found
+
+    def contains(self, key: ExpertKey) -> bool:
+        return key.expert in self._lru[key.layer] or key in self._prefetched
+
+    def resident(self, layer: int) -> list[int]:
+        """The layer's LRU entries, least recently used first."""
+        return list(self._lru[layer])
+
+    # -- admission -----------------------------------------------------------------------------------
+    def take_victim(self, layer: int, protect: set[int]) -> int:
+        """A buffer of ``layer`` to load into: a free one, else the least recently used entry not in
+        ``protect`` (experts this step still has to compute), which is evicted."""
+        if self._free[layer]:
+            return self._free[layer].pop()
+        for e in self._lru[layer]:
+            if e not in protect:
+                return self._lru[layer].pop(e)
+        raise RuntimeError(f"layer {layer}: every cache slot holds an expert still needed this step")
+
+    def insert(self, layer: int, expert: int, buffer: int, manifest: ExpertManifest) -> None:
+        """Records ``expert`` as most recently used in ``buffer`` (one obtained from take_victim)."""
+        self._lru[layer][expert] = buffer
+        self.manifests[buffer] = manifest
+
+    def promote(self, layer: int, expert: int, protect: set[int]) -> None:
+        """A used prefetched expert joins the layer's LRU: its spare buffer changes owner, and the layer
+        gives one of its buffers (free, or its LRU victim) to the spare pool in exchange."""
+        key = ExpertKey(layer, expert)
+        spare = self._prefetched.pop(key)
+        try:
+            given = self.take_victim(layer, protect)
+        except RuntimeError:  # every slot still needed this step: keep it as a prefetched spare for now
+            self._prefetched[key] = spare
+            return
+        self._lru[layer][expert] = spare
+        self.manifests.pop(given, None)
+        self._spare_free.append(given)
+
+    # -- prefetch spares -----------------------------------------------------------------------------
+    def reserve_spare(self, key: ExpertKey, manifest: ExpertManifest,
+                      keep: set[ExpertKey]) -> tuple[int, ExpertKey | None] | None:
+        """A spare buffer for prefetching ``key``: a free one, else the one of the oldest prefetched expert
+        not in ``keep`` (returned second: its load, if still in flight, must be discarded). None when no
+        spare can be given (the prefetch is skipped, never waited for)."""
+        reclaimed = None
+        if self._spare_free:
+            buf = self._spare_free.pop()
+        else:
+            reclaimed = next((k for k in self._prefetched if k not in keep), None)
+            if reclaimed is None:
+                return None
+            buf = self._prefetched.pop(reclaimed)
+            self._prefetch_unused.discard(reclaimed)
+        self._prefetched[key] = buf
+        self._prefetch_unused.add(key)
+        self.manifests[buf] = manifest
+        return buf, reclaimed
+
+    def release_spare(self, key: ExpertKey) -> None:
+        """Drops a prefetch whose load failed."""
+        buf = self._prefetched.pop(key, None)
+        self._prefetch_unused.discard(key)
+        if buf is not None:
+            self.manifests.pop(buf, None)
+            self._spare_free.append(buf)
+
+    def free_buffer(self, layer: int, buffer: int) -> None:
+        """Returns a buffer taken with take_victim whose load failed (its old content is gone)."""
+        self.manifests.pop(buffer, None)
+        self._free[layer].append(buffer)
+
+    def holder(self, buffer: int) -> ExpertKey | None:
+        """Which expert a buffer is assigned to right now (None when free)."""
+        m = self.manifests.get(buffer)
+        return m.key if m is not None else None
+
+    # -- compute -------------------------------------------------------------------------------------
+    def views(self, buffer: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Typed zero-copy views of the packed expert in ``buffer``."""
+        return tensor_views(self.arena[buffer], self.manifests[buffer])
+
+    def check(self) -> None:
+        """Invariants (used by tests): every buffer has exactly one owner."""
+        owned = [b for lru in self._lru for b in lru.values()] + [b for f in self._free for b in f]
+        owned += list(self._prefetched.values()) + self._spare_free
+        if sorted(owned) != list(range(self.arena.shape[0])):
+            raise AssertionError(f"cache buffers lost or shared: {sorted(owned)}")
+        for layer in range(self.num_layers):
+            n = len(self._lru[layer]) + len(self._free[layer])
+            if n != self.slots_per_layer:
+                raise AssertionError(f"layer {layer} owns {n} buffers, expected {self.slots_per_layer}")

@@ -1,0 +1,66 @@
+"""Coordinator settings: one frozen dataclass, the CLI maps onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+GIB = 2**30
+
+
+def default_device() -> str:
+    """cuda when present, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """How the coordinator places the model and its expert cache."""
+
+    device: str = "cpu"
+    """torch device for the non-expert weights, the KV cache and the expert cache ("cuda", "cuda:1", "cpu")."""
+    experts_per_layer: int | None = None
+    """LRU slots per layer (k). None: derived from ``gpu_memory_gb``, or every expert when that is None too
+    (on CUDA: from the free device memory)."""
+    gpu_memory_gb: float | None = None
+    """Device memory budget for everything the coordinator allocates (weights, KV cache, expert cache,
+    workspace); sets k when ``experts_per_layer`` is None."""
+    prefetch: int = 2
+    """Experts of layer l+1 to prefetch after layer l (0 = off); also the number of spare buffers."""
+    attn_bits: int = 4
+    """hqq bits for attention q/k/v/o: 4, 8 or 16 (as in the checkpoint)."""
+    attn_group_size: int = 64
+    """hqq group size for attention."""
+    max_seq_len: int | None = None
+    """Longest prompt + generation; None = the model's max_position_embeddings. Sizes the KV reserve."""
+    max_queue: int = 16
+    """Requests waiting beyond the running one; more are refused with RESOURCE_EXHAUSTED."""
+    fetch_workers: int = 4
+    """Expert transfers in flight at once (threads calling ExpertSource.fetch_into)."""
+    fetch_timeout_s: float = 30.0
+    """Per-expert fetch timeout; beyond it the request fails with UNAVAILABLE."""
+    zero_copy: bool = True
+    """Copy straight from a co-located worker's shared memory when the source offers it (else always fetch
+    through the source's transport into staging)."""
+
+    def __post_init__(self) -> None:
+        if self.experts_per_layer is not None and self.gpu_memory_gb is not None:
+            raise ValueError("give experts_per_layer or gpu_memory_gb, not both")
+        if self.experts_per_layer is not None and self.experts_per_layer < 1:
+            raise ValueError(f"experts_per_layer must be >= 1, got {self.experts_per_layer}")
+        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
+            raise ValueError(f"gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.attn_bits not in (4, 8, 16):
+            raise ValueError(f"attn_bits must be 4, 8 or 16, got {self.attn_bits}")
+        if self.max_queue < 0 or self.fetch_workers < 1:
+            raise ValueError("max_queue must be >= 0 and fetch_workers >= 1")
+
+    def with_(self, **changes: object) -> CoordinatorConfig:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+EXACT = CoordinatorConfig(attn_bits=16)
+"""No quantization on the coordinator side (pair with workers at --expert-bits 16)."""

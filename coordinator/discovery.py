@@ -1,0 +1,58 @@
+"""Finding the expert workers: explicit ``--workers`` addresses, or the worker actors of a Ray cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from expert_workers.source import ExpertSource, ExpertUnavailable, make_source
+
+log = logging.getLogger(__name__)
+WORKER_ACTOR_PREFIX = "expert-worker"
+
+
+def ray_worker_addresses(address: str, deadline: float) -> list[str]:
+    """gRPC addresses of the expert worker actors registered in the Ray cluster at ``address``."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    while True:
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(WORKER_ACTOR_PREFIX)]
+        if actors:
+            handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in actors]
+            return sorted(set(ray.get([h.address.remote() for h in handles])))
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no expert worker actors ({WORKER_ACTOR_PREFIX}*) in the Ray cluster at {address}")
+        time.sleep(1.0)
+
+
+def connect(workers: Sequence[str] | None, ray_address: str | None, wait_s: float,
+            **options: Any) -> ExpertSource:
+    """An ExpertSource whose workers all answer, waiting up to ``wait_s`` for them to finish loading.
+    ``options`` go to RemoteSource (timeout_s, prefer_zero_copy, metadata, credentials, ...)."""
+    deadline = time.monotonic() + wait_s
+    addresses = list(workers) if workers else ray_worker_addresses(ray_address or "auto", deadline)
+    if not addresses:
+        raise ValueError("no expert worker addresses given")
+    while True:
+        try:
+            source = make_source(workers=addresses, connect_timeout_s=max(1.0, deadline - time.monotonic()),
+                                 **options)
+        except ExpertUnavailable as e:
+            raise TimeoutError(f"expert workers {addresses} not reachable within {wait_s:.0f}s: {e}") from e
+        try:
+            for key in source.layout().all_keys():  # every shard is loaded (RemoteSource caches manifests)
+                source.manifest(key)
+            return source
+        except ExpertUnavailable as e:
+            source.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"expert workers {addresses} not ready after {wait_s:.0f}s: {e}") from e
+            log.info("waiting for expert workers: %s", e)
+            time.sleep(1.0)

@@ -1,0 +1,264 @@
+"""The coordinator's core: model shell + expert cache + generation, one request at a time.
+
+``Coordinator.run`` executes one request on the calling thread (the scheduler's worker thread in the
+server); everything it touches (model, KV cache, ExpertCache) is owned by that thread. ``stats`` may be
+called from any thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, DynamicCache, GenerationConfig
+
+from coordinator.cache import ExpertCache
+from coordinator.config import GIB, CoordinatorConfig
+from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, Sampler,
+                                  TokenEvent, validate)
+from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
+from coordinator.moe import RECALL_TOP, ExpertRunner
+from coordinator.transfer import Transfers
+from expert_workers.format import ALIGN, ExpertKey, ExpertLayout, ExpertManifest
+from expert_workers.source import ExpertSource
+
+log = logging.getLogger(__name__)
+REQUEST_KEYS = ("expert_uses", "cache_hits", "cache_misses", "prefetch_issued", "prefetch_used", "bytes_fetched")
+CUDA_CONTEXT_RESERVE = 512 * 2**20  # CUDA context + allocator slack, outside torch's own accounting
+
+
+def load_manifests(source: ExpertSource, layout: ExpertLayout, workers: int) -> dict[ExpertKey, ExpertManifest]:
+    """Every expert's manifest (sizes the cache slots), asked for concurrently."""
+    keys = layout.all_keys()
+    with cf.ThreadPoolExecutor(workers) as pool:
+        return dict(zip(keys, pool.map(source.manifest, keys)))
+
+
+def load_tokenizer(ckpt: Path) -> Any | None:
+    """The checkpoint's tokenizer, or None when it has none (token ids still work)."""
+    if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(ckpt)
+    except Exception as e:  # noqa: BLE001 - a broken tokenizer should not stop token-id serving
+        log.warning("could not load the tokenizer of %s (%s); only prompt_token_ids will work", ckpt, e)
+        return None
+
+
+def eos_ids(ckpt: Path, config: Any) -> set[int]:
+    """EOS ids as generate() uses them: generation_config.json first, then config.json."""
+    eos: Any = None
+    try:
+        eos = GenerationConfig.from_pretrained(ckpt).eos_token_id
+    except OSError:
+        pass
+    if eos is None:
+        eos = config.eos_token_id
+    return set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+def check_layout(layout: ExpertLayout, config: Any) -> None:
+    """The workers must serve the model the coordinator loaded."""
+    want = (config.num_hidden_layers, config.num_local_experts, config.hidden_size, config.intermediate_size)
+    got = (layout.num_layers, layout.num_experts, layout.hidden_size, layout.intermediate_size)
+    if want != got:
+        raise ValueError(f"expert workers serve (layers, experts, hidden, intermediate) = {got}, "
+                         f"the model has {want}: coordinator and workers use different models")
+
+
+class Coordinator:
+    """Serves one Mixtral-architecture model whose experts come from an ExpertSource."""
+
+    def __init__(self, ckpt: Path, source: ExpertSource, config: CoordinatorConfig) -> None:
+        self.ckpt = Path(ckpt)
+        self.source = source
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = build_shell(self.ckpt, ShellSpec(config.device, config.attn_bits, config.attn_group_size))
+        mc = self.model.config
+        self.layout = source.layout()
+        check_layout(self.layout, mc)
+        manifests = load_manifests(source, self.layout, config.fetch_workers)
+        slot_bytes = -(-max(m.nbytes for m in manifests.values()) // ALIGN) * ALIGN
+        self.max_positions = min(mc.max_position_embeddings, config.max_seq_len or mc.max_position_embeddings)
+        self.slots_per_layer = self._slots_per_layer(slot_bytes)
+        self.cache = ExpertCache(mc.num_hidden_layers, self.slots_per_layer, config.prefetch, slot_bytes,
+                                 self.device)
+        self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.prefetch,
+                                   workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
+                                   zero_copy=config.zero_copy)
+        self.runner = ExpertRunner(self.model, self.cache, self.transfers, manifests, config.prefetch)
+        self.tokenizer = load_tokenizer(self.ckpt)
+        self.eos = eos_ids(self.ckpt, mc)
+        self.vocab_size = mc.vocab_size
+        self.shell_bytes = non_expert_bytes(self.model)
+        self._cache_kw = cache_kwarg()
+        self._lock = threading.Lock()
+        self._totals: dict[str, float] = {"requests": 0, "requests_failed": 0, "requests_cancelled": 0,
+                                          "prompt_tokens": 0, "generated_tokens": 0, "ttft_ms_sum": 0.0,
+                                          "decode_tokens": 0, "decode_seconds": 0.0, "gpu_peak_bytes": 0}
+        log.info("coordinator ready: %d slots/layer x %d layers of %d bytes, %d spares, device %s",
+                 self.slots_per_layer, mc.num_hidden_layers, slot_bytes, config.prefetch, self.device)
+
+    # -- sizing --------------------------------------------------------------------------------------
+    def _kv_bytes(self, dtype: torch.dtype) -> int:
+        mc = self.model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * head_dim * dtype.itemsize
+        return per_token * self.max_positions
+
+    def _slots_per_layer(self, slot_bytes: int) -> int:
+        """k from the config: given, or what the memory budget leaves after weights, KV cache and workspace."""
+        cfg, mc = self.config, self.model.config
+        experts = mc.num_local_experts
+        if cfg.experts_per_layer is not None:
+            return min(cfg.experts_per_layer, experts)
+        budget = cfg.gpu_memory_gb * GIB if cfg.gpu_memory_gb is not None else None
+        if budget is None and self.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.device)[0] * 0.9 + torch.cuda.memory_allocated(self.device)
+        if budget is None:
+            return experts
+        dtype = compute_dtype(mc, self.device)
+        dequant = 3 * mc.hidden_size * mc.intermediate_size * dtype.itemsize
+        activations = 8 * self.max_positions * (mc.hidden_size + 2 * mc.intermediate_size) * dtype.itemsize
+        workspace = 2 * dequant + activations + 2 * mc.vocab_size * 4
+        workspace += CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
+        left = budget - non_expert_bytes(self.model) - self._kv_bytes(dtype) - workspace
+        left -= cfg.prefetch * slot_bytes
+        k = int(left // (mc.num_hidden_layers * slot_bytes))
+        if k < 1:
+            need = (budget - left + mc.num_hidden_layers * slot_bytes) / GIB
+            raise ValueError(f"a {budget / GIB:.3f} GiB budget leaves no room for one expert per layer; "
+                             f"need at least {need:.3f} GiB")
+        return min(k, experts)
+
+    # -- requests ------------------------------------------------------------------------------------
+    def prepare(self, params: GenerateParams) -> list[int]:
+        """Tokenizes and validates a request (raises InvalidRequest); cheap, runs on the caller's thread."""
+        if params.prompt_token_ids:
+            ids = list(params.prompt_token_ids)
+        elif params.prompt:
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer: send prompt_token_ids instead of text")
+            ids = list(self.tokenizer(params.prompt)["input_ids"])
+        else:
+            ids = []
+        validate(params, ids, self.vocab_size, self.max_positions)
+        return ids
+
+    def generate(self, params: GenerateParams) -> list[TokenEvent]:
+        """Runs a request to completion on this thread (tests, benchmarks); the server uses the scheduler."""
+        events: list[TokenEvent] = []
+        self.run(params, self.prepare(params), events.append)
+        return events
+
+    def run(self, params: GenerateParams, prompt_ids: Sequence[int], emit: Callable[[TokenEvent], None],
+            cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
+        """Prefill + decode, emitting each token, then a final event with finish reason and stats."""
+        arrived = time.monotonic() if arrived is None else arrived
+        before = self.runner.stats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        sampler = Sampler(params.temperature, params.top_p, params.seed)
+        detok = Detokenizer(self.tokenizer, prompt_ids)
+        kv = self.new_kv_cache()
+        generated: list[int] = []
+        finish, first_at = "", 0.0
+        try:
+            with torch.inference_mode():
+                logits = self.step(prompt_ids, kv)
+                while not finish:
+                    token = sampler(logits)
+                    generated.append(token)
+                    first_at = first_at or time.monotonic()
+                    finish = ("stop" if token in self.eos else
+                              "length" if len(generated) >= params.max_new_tokens else "")
+                    emit(TokenEvent(token, detok.add(token)))
+                    if not finish:
+                        if cancelled():
+                            raise RequestCancelled(f"cancelled after {len(generated)} tokens")
+                        logits = self.step([token], kv)
+        except RequestCancelled:
+            self._count("requests_cancelled")
+            raise
+        except BaseException:
+            self._count("requests_failed")
+            raise
+        stats = self._request_stats(prompt_ids, generated, arrived, first_at, before)
+        emit(TokenEvent(None, detok.flush(), finish, stats))
+
+    def new_kv_cache(self) -> DynamicCache:
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older signature
+            return DynamicCache()
+
+    def step(self, ids: Sequence[int], kv: DynamicCache) -> torch.Tensor:
+        """One forward pass over ``ids`` appended to the KV cache; the last position's logits [V] (float32)."""
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
+        return out.logits[0, -1].float()
+
+    # -- stats ---------------------------------------------------------------------------------------
+    def _count(self, key: str, n: float = 1) -> None:
+        with self._lock:
+            self._totals[key] += n
+
+    def _request_stats(self, prompt_ids: Sequence[int], generated: Sequence[int], arrived: float,
+                       first_at: float, before: dict[str, float]) -> dict[str, float]:
+        end = time.monotonic()
+        after = self.runner.stats()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        decode_s = end - first_at
+        stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(generated),
+                 "ttft_ms": (first_at - arrived) * 1e3,
+                 "decode_tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0
+                 else 0.0,
+                 **{k: after[k] - before[k] for k in REQUEST_KEYS},
+                 "remote_compute_calls": 0, "gpu_peak_bytes": peak}
+        stats |= self._ratios(stats, {k: after[k] - before.get(k, 0) for k in after})
+        with self._lock:
+            t = self._totals
+            t["requests"] += 1
+            t["prompt_tokens"] += len(prompt_ids)
+            t["generated_tokens"] += len(generated)
+            t["ttft_ms_sum"] += stats["ttft_ms"]
+            t["decode_tokens"] += max(0, len(generated) - 1)
+            t["decode_seconds"] += decode_s if len(generated) > 1 else 0.0
+            t["gpu_peak_bytes"] = max(t["gpu_peak_bytes"], peak)
+        return stats
+
+    def _ratios(self, stats: dict[str, float], counters: dict[str, float]) -> dict[str, float]:
+        uses = stats["expert_uses"]
+        predicted = counters["prefetch_predicted"]
+        n = min(max(self.config.prefetch, 1), max(RECALL_TOP))
+        out = {"hit_rate": stats["cache_hits"] / uses if uses else 0.0,
+               "prefetch_recall": counters[f"prefetch_found_top{n}"] / predicted if predicted else 0.0}
+        for k in RECALL_TOP:
+            out[f"prefetch_recall_top{k}"] = counters[f"prefetch_found_top{k}"] / predicted if predicted else 0.0
+        return out
+
+    def stats(self) -> dict[str, float]:
+        """Server-wide stats since start: INTERFACE.md keys, plus hit rate, recall, per-layer counters."""
+        with self._lock:
+            t = dict(self._totals)
+        counters = self.runner.stats()
+        done = t["requests"]
+        out = {"prompt_tokens": t["prompt_tokens"], "generated_tokens": t["generated_tokens"],
+               "ttft_ms": t["ttft_ms_sum"] / done if done else 0.0,
+               "decode_tokens_per_s": t["decode_tokens"] / t["decode_seconds"] if t["decode_seconds"] else 0.0,
+               **counters, "remote_compute_calls": 0, "gpu_peak_bytes": t["gpu_peak_bytes"],
+               "requests": done, "requests_failed": t["requests_failed"],
+               "requests_cancelled": t["requests_cancelled"], "slots_per_layer": self.slots_per_layer,
+               "cache_bytes": self.cache.nbytes, "non_expert_bytes": self.shell_bytes}
+        return out | self._ratios(out, counters)
+
+    def close(self) -> None:
+        self.runner.close()
+        self.transfers.close()

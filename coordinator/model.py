@@ -1,0 +1,175 @@
+"""The model shell: transformers' own Mixtral with every expert left out.
+
+``MixtralForCausalLM`` is built on the meta device, then only the non-expert weights are read from the
+checkpoint onto the compute device: embeddings, attention q/k/v/o, norms, routers and lm_head (tied to the
+embeddings when the config says so). The experts' fused parameters are deleted, never materialized; the
+MoE block's experts call goes to ``coordinator.moe`` through transformers' experts-implementation registry.
+Attention projections are optionally replaced by hqq's ``HQQLinear`` (4 or 8 bits); everything else stays in
+the compute dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import MixtralConfig, MixtralForCausalLM
+
+ATTN_BITS = (4, 8, 16)
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class ShellSpec:
+    """How the non-expert part of the model is placed and quantized."""
+
+    device: str = "cpu"
+    """torch device for every non-expert weight, the KV cache and the expert cache."""
+    attn_bits: int = 4
+    """hqq bits for attention q/k/v/o: 4, 8, or 16 (kept as in the checkpoint)."""
+    attn_group_size: int = 64
+    """hqq group size for attention weights."""
+
+
+def compute_dtype(config: MixtralConfig, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype on CUDA; float32 on CPU, where half-precision matmuls are slow and not what the
+    reference runs. Exactness tests load the transformers reference with the same rule."""
+    if device.type != "cuda":
+        return torch.float32
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def checkpoint_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (from its index when there is one)."""
+    index = ckpt / INDEX_FILE
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [ckpt / n for n in names]
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt} holds no *.safetensors files")
+    return files
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Expert weights in either layout: ``block_sparse_moe.experts.E.w1.weight`` or ``mlp.experts.*``."""
+    return ".experts." in name
+
+
+def shell_name(name: str) -> str:
+    """Checkpoint tensor name -> parameter name in transformers 5's Mixtral (routers live in ``mlp.gate``)."""
+    return name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+
+
+def load_non_expert_weights(ckpt: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Reads every non-expert tensor straight onto ``device`` in ``dtype``; expert tensors are never read."""
+    out: dict[str, torch.Tensor] = {}
+    for file in checkpoint_files(ckpt):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if not is_expert_tensor(name):
+                    out[shell_name(name)] = f.get_tensor(name).to(device=device, dtype=dtype)
+    return out
+
+
+def _build_on_meta(config: MixtralConfig) -> MixtralForCausalLM:
+    with torch.device("meta"):
+        return MixtralForCausalLM(config)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _drop_expert_parameters(model: MixtralForCausalLM) -> None:
+    """Removes the fused expert parameters (still on meta) so nothing can use or move them."""
+    for layer_idx, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        for pname in list(experts._parameters):
+            del experts._parameters[pname]
+        experts.layer_idx = layer_idx
+
+
+def _fix_buffers(model: MixtralForCausalLM, config: MixtralConfig, device: torch.device) -> None:
+    """Non-persistent buffers (rotary inverse frequencies) were created on meta: rebuild them on device."""
+    rotary_cls = type(model.model.rotary_emb)
+    with torch.device(device):
+        model.model.rotary_emb = rotary_cls(config=config)
+
+
+def _quantize_attention(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch.dtype) -> None:
+    """Replaces q/k/v/o with hqq's HQQLinear (axis 1, ``attn_group_size``) when ``attn_bits`` < 16."""
+    if spec.attn_bits == 16:
+        return
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    qcfg = BaseQuantizeConfig(nbits=spec.attn_bits, group_size=spec.attn_group_size)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for proj in ATTN_PROJ:
+            linear = getattr(attn, proj)
+            if linear.in_features % spec.attn_group_size:
+                raise ValueError(f"attention {proj} input dim {linear.in_features} is not divisible by "
+                                 f"group size {spec.attn_group_size}")
+            setattr(attn, proj, HQQLinear(linear, qcfg, compute_dtype=dtype, device=str(linear.weight.device)))
+
+
+def build_shell(ckpt: Path, spec: ShellSpec) -> MixtralForCausalLM:
+    """Mixtral with non-expert weights on ``spec.device`` and no experts; call ``moe.attach`` next."""
+    if spec.attn_bits not in ATTN_BITS:
+        raise ValueError(f"attention bits must be one of {ATTN_BITS}, got {spec.attn_bits}")
+    config = MixtralConfig.from_pretrained(ckpt)
+    device = torch.device(spec.device)
+    dtype = compute_dtype(config, device)
+    config._attn_implementation = "sdpa"  # what from_pretrained picks by default: the exactness reference
+    model = _build_on_meta(config)
+    weights = load_non_expert_weights(ckpt, device, dtype)
+    expected = {n for n, _ in model.named_parameters() if not is_expert_tensor(n)}
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        weights.pop("lm_head.weight", None)
+    missing = expected - weights.keys()
+    if missing:
+        raise ValueError(f"checkpoint {ckpt} lacks non-expert tensors: {sorted(missing)[:5]}")
+    for name in expected:
+        _assign(model, name, weights[name])
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _drop_expert_parameters(model)
+    _fix_buffers(model, config, device)
+    _quantize_attention(model, spec, dtype)
+    model.eval()
+    return model
+
+
+def non_expert_bytes(model: nn.Module) -> int:
+    """Bytes held on the device by the shell (parameters, buffers, hqq packed weights)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    from hqq.core.quantize import HQQLinear
+
+    for m in model.modules():
+        if isinstance(m, HQQLinear):
+            total += m.W_q.numel() * m.W_q.element_size()
+            total += sum(v.numel() * v.element_size() for v in m.meta.values() if isinstance(v, torch.Tensor))
+    return total
+
+
+def cache_kwarg() -> str:
+    """transformers 5.24 calls the KV cache argument ``cache`` (``past_key_values`` deprecated); 5.17 has
+    only ``past_key_values``."""
+    params = inspect.signature(MixtralForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -1,0 +1,254 @@
+"""Our experts inside transformers' Mixtral: the MoE block computed from the hot expert cache.
+
+transformers 5 routes every ``MixtralExperts.forward`` through ``ALL_EXPERTS_FUNCTIONS``; we register
+``offloaded_experts_forward`` there, and it hands the layer's tokens to ``ExpertRunner.forward``. The router,
+attention and KV cache stay transformers' own.
+
+One MoE step (a prefill chunk or one decode token), short on purpose:
+    route (given) -> look up the cache -> start fetches for misses -> compute resident experts ->
+    compute prefetched ones -> compute misses as they land -> update the LRU.
+After decoder layer l, a forward hook applies layer l+1's router (through its post-attention norm) to the
+residual stream and prefetches the top ``prefetch`` experts that are not cached into spare buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from coordinator.cache import ExpertCache
+from coordinator.transfer import Load, Transfers
+from expert_workers.format import ExpertKey, ExpertManifest, hqq_meta
+
+log = logging.getLogger(__name__)
+EXPERTS_IMPLEMENTATION = "moe_serving_offload"
+RECALL_TOP = (1, 2, 3)
+
+SlotViews = Mapping[str, Mapping[str, torch.Tensor]]
+
+
+def _weight(views: SlotViews, manifest: ExpertManifest, name: str, dtype: torch.dtype) -> torch.Tensor:
+    m = manifest.matrices[name]
+    v = views[name]
+    if m.bits == 16:
+        return v["weight"].to(dtype)
+    from hqq.core.quantize import Quantizer
+
+    return Quantizer.dequantize(v["W_q"], hqq_meta(m, v["scale"], v["zero"])).to(dtype)
+
+
+def expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
+               act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
+    """One expert on its routed tokens, from the packed form in a cache slot: ``w2 · (act(w1·x) * (w3·x))``.
+
+    x: [T, H] -> [T, H]. Dequantizes with hqq's own Quantizer (bit-identical to hqq) into x's dtype, then
+    matmuls. The one place to swap in a fused low-bit kernel (gemlite) on the GPU.
+    """
+    w1 = _weight(slot_views, manifest, "w1", x.dtype)  # [I, H]
+    w3 = _weight(slot_views, manifest, "w3", x.dtype)  # [I, H]
+    w2 = _weight(slot_views, manifest, "w2", x.dtype)  # [H, I]
+    return F.linear(act(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+@dataclass
+class RecallCounters:
+    """How often layer l+1's router applied after layer l named the experts decode steps then used."""
+
+    used: int = 0
+    """Experts used by decode steps in layers that had a prediction."""
+    found: dict[int, int] = field(default_factory=lambda: {n: 0 for n in RECALL_TOP})
+    """n -> how many of those were in the top-n prediction."""
+
+
+def offloaded_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts implementation registered with transformers (signature fixed by ``MixtralExperts``)."""
+    return self.runner.forward(self.layer_idx, hidden_states, top_k_index, top_k_weights)
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, offloaded_experts_forward)
+
+
+class ExpertRunner:
+    """Computes MoE blocks from the ExpertCache, fetching misses and prefetching the next layer's experts."""
+
+    def __init__(self, model: nn.Module, cache: ExpertCache, transfers: Transfers,
+                 manifests: Mapping[ExpertKey, ExpertManifest], prefetch: int) -> None:
+        self.layers = model.model.layers
+        self.cache = cache
+        self.transfers = transfers
+        self.manifests = manifests
+        self.prefetch = prefetch
+        self.recall = RecallCounters()
+        self._act = self.layers[0].mlp.experts.act_fn
+        self._prefetch_loads: dict[ExpertKey, tuple[Load, int]] = {}  # unlanded prefetches -> spare buffer
+        self._orphans: list[Load] = []  # prefetches whose spare was reclaimed before they landed
+        self._predicted: dict[int, list[int]] = {}  # layer -> experts ranked by the previous layer's guess
+        for i, layer in enumerate(self.layers):
+            layer.mlp.experts.runner = self
+            if prefetch > 0 and i + 1 < len(self.layers):
+                layer.register_forward_hook(self._hook(i))
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+
+    # -- the MoE block -------------------------------------------------------------------------------
+    def forward(self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Shapes (T tokens in this step, H hidden, K experts per token, E experts in the layer):
+            x              [T, H]   post-attention-norm hidden states
+            top_k_index    [T, K]   routed experts, < E
+            top_k_weights  [T, K]   float32 routing weights (normalized over K)
+            returns        [T, H]   sum_k weight[t, k] * expert_{index[t, k]}(x[t])
+        """
+        self._pump()
+        used = top_k_index.unique().tolist()
+        self._count_recall(layer, used, decode=x.shape[0] == 1)
+        found = self.cache.lookup(layer, used)
+        misses = [self._start(ExpertKey(layer, f.expert)) for f in found if f.buffer is None]
+        out = torch.zeros_like(x)
+        todo = set(used)
+        try:
+            for f in sorted((f for f in found if f.buffer is not None), key=lambda f: f.prefetched):
+                if f.prefetched:
+                    self._land_prefetch(ExpertKey(layer, f.expert))
+                self._apply(f.buffer, f.expert, x, top_k_index, top_k_weights, out)  # type: ignore[arg-type]
+                todo.discard(f.expert)
+                if f.prefetched:
+                    self.cache.promote(layer, f.expert, todo)
+            self._compute_misses(layer, misses, todo, x, top_k_index, top_k_weights, out)
+        except BaseException:
+            self.transfers.drain([ld for ld in misses if not ld.landed])
+            raise
+        return out
+
+    def _compute_misses(self, layer: int, misses: list[Load], todo: set[int], x: torch.Tensor,
+                        top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
+        """Misses in the order they land; each takes the LRU victim among experts already computed."""
+        pending = list(misses)
+        while pending:
+            load = self.transfers.wait_any(pending + self._unlanded_prefetches())
+            if load not in pending:
+                self._pump()
+                continue
+            pending.remove(load)
+            buf = self.cache.take_victim(layer, todo)
+            try:
+                manifest = self.transfers.land(load, buf)
+            except BaseException:
+                self.cache.free_buffer(layer, buf)
+                raise
+            self.cache.insert(layer, load.key.expert, buf, manifest)
+            self._apply(buf, load.key.expert, x, top_k_index, top_k_weights, out)
+            todo.discard(load.key.expert)
+
+    def _apply(self, buf: int, expert: int, x: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
+        token_idx, k_pos = torch.where(top_k_index == expert)
+        self.transfers.before_compute(buf)
+        y = expert_ffn(self.cache.views(buf), self.cache.manifests[buf], x[token_idx], self._act)
+        out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        self.transfers.after_compute(buf)
+
+    def _start(self, key: ExpertKey) -> Load:
+        load = self.transfers.start(key, self.manifests[key])
+        assert load is not None  # demand loads are never dropped
+        return load
+
+    # -- speculative prefetch ------------------------------------------------------------------------
+    def _hook(self, layer: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object, output: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+            self.after_layer(layer, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def after_layer(self, layer: int, hidden: torch.Tensor) -> None:
+        """Predicts layer+1's experts from the residual stream after ``layer`` and prefetches the top ones.
+        hidden: [B, T, H]; the guess ranks experts by routing probability summed over the T tokens."""
+        nxt = self.layers[layer + 1]
+        normed = nxt.post_attention_layernorm(hidden).reshape(-1, hidden.shape[-1])
+        logits = F.linear(normed, nxt.mlp.gate.weight)  # [T, E]
+        score = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
+        ranked = score.argsort(descending=True).tolist()
+        self._predicted[layer + 1] = ranked
+        keep = {ExpertKey(layer + 1, e) for e in ranked[:self.prefetch]}
+        for key in sorted(keep, key=lambda k: ranked.index(k.expert)):
+            if not self.cache.contains(key):
+                self._issue_prefetch(key, keep)
+        self._pump()
+
+    def _issue_prefetch(self, key: ExpertKey, keep: set[ExpertKey]) -> None:
+        manifest = self.manifests[key]
+        got = self.cache.reserve_spare(key, manifest, keep)
+        if got is None:
+            return
+        buf, reclaimed = got
+        if reclaimed is not None and reclaimed in self._prefetch_loads:
+            self._orphans.append(self._prefetch_loads.pop(reclaimed)[0])
+        load = self.transfers.start(key, manifest, speculative=True)
+        if load is None:  # no staging buffer free: skip rather than wait
+            self.cache.release_spare(key)
+            return
+        self.cache.counters.prefetch_issued += 1
+        self._prefetch_loads[key] = (load, buf)
+
+    def _unlanded_prefetches(self) -> list[Load]:
+        return [ld for ld, _ in self._prefetch_loads.values()] + self._orphans
+
+    def _pump(self) -> None:
+        """Issues device copies for prefetches whose host part is done; drops orphans."""
+        for load in [ld for ld in self._orphans if ld.ready()]:
+            self._orphans.remove(load)
+            self._discard(load)
+        for key in [k for k, (ld, _) in self._prefetch_loads.items() if ld.ready()]:
+            try:
+                self._land_prefetch(key)
+            except Exception as e:  # noqa: BLE001 - a failed guess costs nothing; a needed expert refetches
+                log.warning("prefetch of %s failed: %s", key, e)
+
+    def _land_prefetch(self, key: ExpertKey) -> None:
+        """Makes sure a prefetched expert's copy into its spare buffer has been issued (waits if needed)."""
+        entry = self._prefetch_loads.pop(key, None)
+        if entry is None:
+            return  # already landed
+        load, buf = entry
+        try:
+            self.transfers.land(load, buf)
+        except BaseException:
+            self.cache.release_spare(key)
+            raise
+
+    def _discard(self, load: Load) -> None:
+        try:
+            self.transfers.land(load, None)
+        except Exception:  # noqa: BLE001 - nobody needs this expert any more
+            pass
+
+    def _count_recall(self, layer: int, used: list[int], decode: bool) -> None:
+        ranked = self._predicted.pop(layer, None)
+        if ranked is None or not decode:
+            return
+        self.recall.used += len(used)
+        for n in RECALL_TOP:
+            self.recall.found[n] += len(set(ranked[:n]) & set(used))
+
+    # -- stats ---------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters (INTERFACE.md keys and extras)."""
+        out = self.cache.counters.snapshot()
+        out["bytes_fetched"] = self.transfers.bytes_fetched
+        out["bytes_zero_copy"] = self.transfers.bytes_zero_copy
+        out["prefetch_predicted"] = self.recall.used
+        for n in RECALL_TOP:
+            out[f"prefetch_found_top{n}"] = self.recall.found[n]
+        return out
+
+    def close(self) -> None:
+        for load in self._unlanded_prefetches():
+            self.transfers.drain([load])
+        self._prefetch_loads.clear()
+        self._orphans.clear()

@@ -1,0 +1,124 @@
+"""Greedy tokens of the coordinator equal transformers' own Mixtral on the same weights, token for token.
+
+In-process (InProcessSource over two ExpertStore shards); test_coordinator.py repeats the check through real
+worker and coordinator processes. Covers: k=1 (nearly every use a miss) and k=8, prefetch on and off, the
+zero-copy and staging transfer paths, both checkpoint layouts (+ sharded safetensors), tied embeddings
+(code-moe-22m), and hqq-quantized experts and attention against a reference on the dequantized weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator import Coordinator, CoordinatorConfig, GenerateParams
+from coordinator.engine import load_tokenizer
+from coordinator.reference import greedy, reference_model
+from expert_workers.format import EXACT, INT2, QuantSpec
+from expert_workers.source import ExpertSource, make_source
+from expert_workers.store import ExpertStore
+from modelzoo.tiny import TinySpec, build_tiny_random
+
+CODE_MOE = Path(__file__).resolve().parents[2] / "shared" / "models" / "code-moe-22m"
+TINY_PROMPTS = [[5, 9, 33, 70, 100], [200, 3, 4], list(range(10, 40))]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one intra-op thread, and a shared 2-core machine stays responsive."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def open_stores(ckpt: Path, spec: QuantSpec, shards: int, cache_dir: Path) -> list[ExpertStore]:
+    return [ExpertStore(ckpt, f"{i}/{shards}", spec, cache_dir=cache_dir, progress=False).load()
+            for i in range(shards)]
+
+
+@pytest.fixture(scope="module")
+def tiny_exact(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExpertSource]:
+    stores = open_stores(tiny_ckpt, EXACT, 2, tmp_path_factory.mktemp("experts"))
+    yield make_source(stores=stores)
+    for s in stores:
+        s.close()
+
+
+def generated(engine: Coordinator, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
+    events = engine.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=n))
+    assert events[-1].token_id is None and events[-1].finish_reason in ("stop", "length")
+    return [e.token_id for e in events[:-1]]  # type: ignore[misc]
+
+
+def assert_matches(ckpt: Path, source: ExpertSource, reference: torch.nn.Module, prompts: list[list[int]],
+                   config: CoordinatorConfig) -> dict[str, float]:
+    engine = Coordinator(ckpt, source, config)
+    try:
+        for prompt in prompts:
+            assert generated(engine, prompt) == greedy(reference, prompt, NEW_TOKENS), (prompt, config)
+            engine.cache.check()
+        return engine.stats()
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy"),
+                         [(1, 0, True), (1, 2, False), (8, 0, False), (8, 2, True), (3, 3, False)])
+def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch: int, zero_copy: bool) -> None:
+    reference = reference_model(tiny_ckpt)  # the checkpoint's own experts, as from_pretrained loads them
+    cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy)
+    stats = assert_matches(tiny_ckpt, tiny_exact, reference, TINY_PROMPTS, cfg)
+    assert stats["cache_misses"] > 0
+    if prefetch:
+        assert 0 < stats["prefetch_used"] <= stats["prefetch_issued"]
+
+
+def test_fused_sharded_checkpoint(tmp_path: Path) -> None:
+    """transformers 5's fused expert layout (routers in mlp.gate) split over several safetensors files."""
+    ckpt = build_tiny_random(tmp_path / "fused", TinySpec(fused_experts=True, max_shard_size="300KB", seed=3))
+    assert (ckpt / "model.safetensors.index.json").is_file()
+    stores = open_stores(ckpt, EXACT, 3, tmp_path / "experts")
+    try:
+        cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=2, prefetch=1)
+        assert_matches(ckpt, make_source(stores=stores), reference_model(ckpt), TINY_PROMPTS[:2], cfg)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_quantized_matches_dequantized_reference(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """2-bit experts from the workers and 4-bit attention here equal transformers on hqq-dequantized weights."""
+    stores = open_stores(tiny_ckpt, INT2, 2, tmp_path / "experts")
+    try:
+        source = make_source(stores=stores)
+        reference = reference_model(tiny_ckpt, source, attn_bits=4)
+        exact = reference_model(tiny_ckpt)
+        differs = any(greedy(reference, p, NEW_TOKENS) != greedy(exact, p, NEW_TOKENS) for p in TINY_PROMPTS)
+        assert differs, "quantization should change some tokens of a random model, or this test proves little"
+        for bits in (4, 8):
+            ref = reference if bits == 4 else reference_model(tiny_ckpt, source, attn_bits=8)
+            cfg = CoordinatorConfig(attn_bits=bits, experts_per_layer=3, prefetch=2)
+            assert_matches(tiny_ckpt, source, ref, TINY_PROMPTS, cfg)
+    finally:
+        for s in stores:
+            s.close()
+
+
+@pytest.mark.skipif(not (CODE_MOE / "config.json").is_file(), reason="code-moe-22m not present")
+@pytest.mark.parametrize(("k", "prefetch"), [(1, 2), (8, 0)])
+def test_code_moe_exact(k: int, prefetch: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Learned routing, float16 checkpoint, tied embeddings, real tokenizer."""
+    stores = open_stores(CODE_MOE, EXACT, 2, tmp_path_factory.mktemp("code-moe"))
+    try:
+        tokenizer = load_tokenizer(CODE_MOE)
+        prompts = [tokenizer(p)["input_ids"] for p in ("def fibonacci(n):\n", "import os\nimport sys\n\nclass ")]
+        cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch)
+        assert_matches(CODE_MOE, make_source(stores=stores), reference_model(CODE_MOE), prompts, cfg)
+    finally:
+        for s in stores:
+            s.close()
