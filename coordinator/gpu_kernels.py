@@ -1,0 +1,432 @@
+"""Fast GPU expert FFN read straight from the packed expert format (issue 6).
+
+Shape legend
+
+    x   [M, H]      activations of M tokens (decode: M = 1), fp16 or bf16
+    w1  [I, H]      gate projection      w3 [I, H] up projection      w2 [H, I] down projection
+    y   [M, H]      Σ_t weight[m, t] · w2 · (silu(w1 · x_m) * (w3 · x_m))   over the M·T (token, expert) pairs
+
+hqq's axis=1 layout, as stored by ``expert_workers.format`` (no repacking anywhere): an [N, K] matrix is cut
+into R = N·K/g groups of g weights along K (group row r = n·(K/g) + k//g). ``W_q`` packs V = 8/bits values per
+byte ("2bit_u8", "4bit_u8", "8bit_u8"): byte (i, j) of the [R/V, g] tensor holds group rows i + v·R/V,
+v = 0..V-1, most significant bits first. Since R/V = (N/V)·(K/g), ``W_q`` viewed as [N/V, K] holds in byte
+(n', k) the weights W[n' + v·N/V, k]: one byte feeds V output rows at the same k, so a tile of BN packed rows
+computes V·BN outputs and every byte is read once. ``scale``/``zero`` are [R] fp16 and W = (W_q − zero)·scale.
+The kernels use the factored form  Σ_k W·x = Σ_groups scale·(Σ_j q·x − zero·Σ_j x)  (4 ops a weight).
+
+Paths, fastest first:
+1. Triton GEMV kernels (this module) for u8 packings (2, 4, 8 bits) and M ≤ ``GEMV_MAX_TOKENS``: one launch
+   for w1+w3+silu·mul of all (token, expert) pairs, one for w2 + the routing-weighted sum. Slots can be read
+   from a device tensor (``moe_ffn``), so a whole layer is graph-capturable.
+2. A Triton dequantize kernel (any packing, 3-bit "3bit_32" included) into a reused fp16 workspace + cuBLAS:
+   for 3 bits and for prefill-sized M.
+3. On CPU: hqq's own ``Quantizer.dequantize`` (``format.dequantize_matrix``) + matmul; bits 16: plain matmul.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from expert_workers.format import ExpertManifest, dtype_of, tensor_views, dequantize_matrix
+
+try:  # Triton comes with gemlite on Linux; without it (or without CUDA) the torch path serves
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is missing
+    HAVE_TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (kernel tests on CI)
+GEMV_MAX_TOKENS = 4
+"""Above this many tokens per call, dequantize + cuBLAS beats re-reading the packed weights per token."""
+_U8_PACKINGS = {"2bit_u8": 2, "4bit_u8": 4, "8bit_u8": 8}
+_WORD_TOP = {"2bit_u8": 8, "4bit_u8": 8, "8bit_u8": 8, "3bit_32": 30, "1bit_u8": 8}
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch shape of one GEMV kernel (tuned on the H200 by bench/kernel_bench.py)."""
+
+    block_n: int = 16
+    """Packed rows per program (each yields 8/bits output rows)."""
+    groups_per_block: int = 2
+    """Quantization groups per K step (K step = groups_per_block · group_size)."""
+    split_k: int = 1
+    """Programs sharing one row block along K (>1: fp32 atomics into a zeroed buffer)."""
+    num_warps: int = 4
+    """Warps per program."""
+    num_stages: int = 3
+    """Software-pipelining depth of the K loop."""
+
+
+GATE_UP = GemvConfig(block_n=16, groups_per_block=2, split_k=1, num_warps=4, num_stages=3)
+DOWN = GemvConfig(block_n=8, groups_per_block=4, split_k=1, num_warps=4, num_stages=3)
+LINEAR = GemvConfig(block_n=16, groups_per_block=2, split_k=1, num_warps=4, num_stages=3)
+
+
+def set_configs(gate_up: GemvConfig | None = None, down: GemvConfig | None = None,
+                linear: GemvConfig | None = None) -> None:
+    """Installs tuned launch shapes (bench/kernel_bench.py picks them on the target GPU)."""
+    global GATE_UP, DOWN, LINEAR
+    GATE_UP, DOWN, LINEAR = gate_up or GATE_UP, down or DOWN, linear or LINEAR
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where w1/w3/w2 live inside one packed expert buffer; identical for every expert of a model, so one
+    layout serves all cache slots (kernels add a slot's base address)."""
+
+    hidden: int
+    """H."""
+    inter: int
+    """I."""
+    bits: int
+    """Bits of all three matrices (16 = unquantized)."""
+    group_size: int
+    """hqq group size (0 at bits 16)."""
+    packing: str
+    """hqq packing name ("" at bits 16)."""
+    offsets: tuple[int, ...]
+    """Byte offsets: W_q, scale, zero of w1, w3, w2 (9), or weight of w1, w3, w2 (3) at bits 16."""
+    weight_dtype: str
+    """Dtype of scale/zero (or of the weights at bits 16)."""
+    nbytes: int
+    """Buffer length."""
+    wq_rows: tuple[int, ...] = ()
+    """Rows of each matrix's packed W_q ([rows, group_size]): the hqq packing step."""
+    wq_dtype: str = "uint8"
+    """Dtype of W_q ("uint8", or "int32" for 3bit_32)."""
+
+    @classmethod
+    def from_manifest(cls, m: ExpertManifest) -> PackedLayout:
+        w1, w3, w2 = m.matrices["w1"], m.matrices["w3"], m.matrices["w2"]
+        if not (w1.bits == w3.bits == w2.bits and w1.group_size == w3.group_size == w2.group_size
+                and w1.shape == w3.shape and tuple(w2.shape) == tuple(w1.shape)[::-1]):
+            raise ValueError(f"expert {m.key}: w1/w3/w2 must share bits, group size and transposed shapes")
+        names = ("weight",) if w1.bits == 16 else ("W_q", "scale", "zero")
+        offsets = tuple(mat.tensors[t].offset for mat in (w1, w3, w2) for t in names)
+        wdt = w1.tensors["weight" if w1.bits == 16 else "scale"].dtype
+        wq = [mat.tensors["W_q"] for mat in (w1, w3, w2)] if w1.bits != 16 else []
+        return cls(hidden=w1.shape[1], inter=w1.shape[0], bits=w1.bits, group_size=w1.group_size,
+                   packing=w1.packing, offsets=offsets, weight_dtype=wdt, nbytes=m.nbytes,
+                   wq_rows=tuple(e.nbytes // (w1.group_size * dtype_of(e.dtype).itemsize) for e in wq),
+                   wq_dtype=wq[0].dtype if wq else "uint8")
+
+    @property
+    def fused(self) -> bool:
+        """Whether the Triton GEMV kernels read this layout directly."""
+        vals = 8 // self.bits if self.packing in _U8_PACKINGS else 0
+        return (vals > 0 and self.hidden % vals == 0 and self.inter % vals == 0
+                and self.hidden % self.group_size == 0 and self.inter % self.group_size == 0)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+if HAVE_TRITON:
+
+    @triton.jit
+    def _qdot(q_ptr, s_ptr, z_ptr, x_ptr, rows, row_mask, kb, acc,
+              NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+              BN: tl.constexpr, GPB: tl.constexpr):
+        """acc[BN, V] += this K step of W·x for packed rows ``rows`` (V = 8/BITS output rows each)."""
+        V: tl.constexpr = 8 // BITS
+        BK: tl.constexpr = GPB * GROUP
+        kk = kb * BK + tl.arange(0, BK)
+        xg = tl.reshape(tl.load(x_ptr + kk).to(tl.float32), (GPB, GROUP))
+        xs = tl.sum(xg, axis=1)                                                   # [GPB]
+        p = tl.load(q_ptr + rows[:, None] * K + kk[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+        sh = 8 - BITS * (tl.arange(0, V) + 1)                                     # MSB first
+        q = ((p[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)).to(tl.float32)   # [BN, V, BK]
+        d = tl.sum(tl.reshape(q, (BN, V, GPB, GROUP)) * xg[None, None, :, :], axis=3)  # [BN, V, GPB]
+        n = rows[:, None] + tl.arange(0, V)[None, :] * NV                         # [BN, V] output rows
+        gi = n[:, :, None] * (K // GROUP) + kb * GPB + tl.arange(0, GPB)[None, None, :]
+        gm = row_mask[:, None, None]
+        s = tl.load(s_ptr + gi, mask=gm, other=0).to(tl.float32)
+        z = tl.load(z_ptr + gi, mask=gm, other=0).to(tl.float32)
+        return acc + tl.sum(s * (d - z * xs[None, None, :]), axis=2)
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, base_ptr, slots_ptr, slot_stride, h_ptr, zero_ptr, zero_n,
+                        OQ1: tl.constexpr, OS1: tl.constexpr, OZ1: tl.constexpr,
+                        OQ3: tl.constexpr, OS3: tl.constexpr, OZ3: tl.constexpr,
+                        H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                        TOPK: tl.constexpr, INDIRECT: tl.constexpr, ZERO_OUT: tl.constexpr,
+                        WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr):
+        """h[p, :] = silu(w1 x) * (w3 x) for pair p = program_id(1) (token p // TOPK, slot slots[p])."""
+        V: tl.constexpr = 8 // BITS
+        NV: tl.constexpr = I // V
+        pid_n = tl.program_id(0)
+        pair = tl.program_id(1)
+        if ZERO_OUT:  # clear the down kernel's split-K accumulator on the way (saves a launch)
+            zi = (pair * tl.num_programs(0) + pid_n) * (BN * V) + tl.arange(0, BN * V)
+            tl.store(zero_ptr + zi, tl.zeros([BN * V], tl.float32), mask=zi < zero_n)
+        base = base_ptr
+        if INDIRECT:
+            base = base_ptr + tl.load(slots_ptr + pair).to(tl.int64) * slot_stride
+        x_row = x_ptr + (pair // TOPK) * H
+        rows = pid_n * BN + tl.arange(0, BN)
+        row_mask = rows < NV
+        acc1 = tl.zeros([BN, V], tl.float32)
+        acc3 = tl.zeros([BN, V], tl.float32)
+        for kb in range(0, H // (GPB * GROUP)):
+            acc1 = _qdot(base + OQ1, (base + OS1).to(tl.pointer_type(WDT)), (base + OZ1).to(tl.pointer_type(WDT)),
+                         x_row, rows, row_mask, kb, acc1, NV, H, GROUP, BITS, BN, GPB)
+            acc3 = _qdot(base + OQ3, (base + OS3).to(tl.pointer_type(WDT)), (base + OZ3).to(tl.pointer_type(WDT)),
+                         x_row, rows, row_mask, kb, acc3, NV, H, GROUP, BITS, BN, GPB)
+        h = acc1 / (1.0 + tl.exp(-acc1)) * acc3
+        n = rows[:, None] + tl.arange(0, V)[None, :] * NV
+        tl.store(h_ptr + pair * I + n, h, mask=row_mask[:, None])
+
+    @triton.jit
+    def _down_kernel(h_ptr, base_ptr, slots_ptr, slot_stride, w_ptr, y_ptr,
+                     OQ: tl.constexpr, OS: tl.constexpr, OZ: tl.constexpr,
+                     H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                     TOPK: tl.constexpr, INDIRECT: tl.constexpr, SPLIT_K: tl.constexpr,
+                     WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr):
+        """y[m] (+)= Σ_t weight[m, t] · w2_slot(m,t) · h[m·TOPK + t]; program (rows, K split, token m)."""
+        V: tl.constexpr = 8 // BITS
+        NV: tl.constexpr = H // V
+        NKB: tl.constexpr = I // (GPB * GROUP)
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m = tl.program_id(2)
+        rows = pid_n * BN + tl.arange(0, BN)
+        row_mask = rows < NV
+        out = tl.zeros([BN, V], tl.float32)
+        for t in range(TOPK):
+            pair = m * TOPK + t
+            base = base_ptr
+            wt = 1.0
+            if INDIRECT:
+                base = base_ptr + tl.load(slots_ptr + pair).to(tl.int64) * slot_stride
+                wt = tl.load(w_ptr + pair).to(tl.float32)
+            acc = tl.zeros([BN, V], tl.float32)
+            for kb in range(pid_k, NKB, SPLIT_K):
+                acc = _qdot(base + OQ, (base + OS).to(tl.pointer_type(WDT)), (base + OZ).to(tl.pointer_type(WDT)),
+                            h_ptr + pair * I, rows, row_mask, kb, acc, NV, I, GROUP, BITS, BN, GPB)
+            out += wt * acc
+        n = rows[:, None] + tl.arange(0, V)[None, :] * NV
+        if SPLIT_K == 1:
+            tl.store(y_ptr + m * H + n, out.to(y_ptr.dtype.element_ty), mask=row_mask[:, None])
+        else:
+            tl.atomic_add(y_ptr + m * H + n, out, mask=row_mask[:, None])
+
+    @triton.jit
+    def _linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr):
+        """y[m] = W x[m] for one hqq-packed [N, K] matrix (attention projections)."""
+        V: tl.constexpr = 8 // BITS
+        NV: tl.constexpr = N // V
+        pid_n = tl.program_id(0)
+        m = tl.program_id(1)
+        rows = pid_n * BN + tl.arange(0, BN)
+        row_mask = rows < NV
+        acc = tl.zeros([BN, V], tl.float32)
+        for kb in range(0, K // (GPB * GROUP)):
+            acc = _qdot(q_ptr, s_ptr, z_ptr, x_ptr + m * K, rows, row_mask, kb, acc, NV, K, GROUP, BITS, BN, GPB)
+        n = rows[:, None] + tl.arange(0, V)[None, :] * NV
+        tl.store(y_ptr + m * N + n, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+    @triton.jit
+    def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, total, step,
+                        GROUP: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
+        """w[e] = (q(e) − zero[r]) · scale[r] for every element e of [N, K]; any hqq packing."""
+        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)          # int32: the caller checks total < 2**31
+        mask = e < total
+        r = e // GROUP
+        i = r % step
+        v = r // step
+        word = tl.load(q_ptr + i * GROUP + e % GROUP, mask=mask, other=0).to(tl.int32)
+        q = ((word >> (TOP - BITS * (v + 1)).to(tl.int32)) & ((1 << BITS) - 1)).to(tl.float32)
+        s = tl.load(s_ptr + r, mask=mask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + r, mask=mask, other=0).to(tl.float32)
+        tl.store(w_ptr + e, ((q - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t`` (CUDA, or any tensor under the interpreter)."""
+    return HAVE_TRITON and (t.is_cuda or _INTERPRET)
+
+
+def _tl_dtype(name: str) -> Any:
+    return {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32}[name]
+
+
+def _check_cfg(cfg: GemvConfig, k: int, group: int) -> None:
+    if k % (cfg.groups_per_block * group):
+        raise ValueError(f"K={k} is not a multiple of groups_per_block·group = {cfg.groups_per_block * group}")
+
+
+# ------------------------------------------------------------------------------------------- public API
+def moe_ffn(x: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+            layout: PackedLayout, out: torch.Tensor | None = None,
+            gate_up: GemvConfig | None = None, down: GemvConfig | None = None) -> torch.Tensor:
+    """Routing-weighted sum of experts for M tokens, reading each expert from its cache slot.
+
+    x [M, H] (cuda, fp16/bf16); slab: uint8 [S, stride] (a cache's slots, row s = slot s); slots: int32
+    [M, T] device tensor of slot indices; weights: [M, T] routing weights. Nothing syncs with the host, so
+    the call is CUDA-graph capturable with static slots/weights tensors. Needs ``layout.fused``."""
+    m, t = slots.shape
+    if not layout.fused or m > GEMV_MAX_TOKENS:
+        return _moe_ffn_unfused(x, slab, slots, weights, layout, out)
+    return _launch(x, slab, slab.stride(0), slots.reshape(-1), weights.reshape(-1).float(), t, True,
+                   layout, out, gate_up or GATE_UP, down or DOWN)
+
+
+def expert_ffn(x: torch.Tensor, buf: torch.Tensor, manifest: ExpertManifest | PackedLayout,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = w2 · (silu(w1 · x) * (w3 · x)) for one packed expert ``buf`` (uint8, any device); x [M, H]."""
+    layout = manifest if isinstance(manifest, PackedLayout) else layout_of(manifest)
+    if _triton_ok(x) and layout.fused and x.shape[0] <= GEMV_MAX_TOKENS:
+        return _launch(x, buf, 0, buf, buf, 1, False, layout, out, GATE_UP, DOWN)
+    return _expert_ffn_dequant(x, buf, manifest, layout, out)
+
+
+def _launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tensor, w: torch.Tensor,
+            topk: int, indirect: bool, lay: PackedLayout, out: torch.Tensor | None,
+            gu: GemvConfig, dn: GemvConfig) -> torch.Tensor:
+    m = x.shape[0]
+    hdim, idim, g, bits = lay.hidden, lay.inter, lay.group_size, lay.bits
+    vals = 8 // bits
+    x = x.contiguous()
+    _check_cfg(gu, hdim, g)
+    _check_cfg(dn, idim, g)
+    h = torch.empty((m * topk, idim), device=x.device, dtype=torch.float32)
+    split = dn.split_k > 1
+    y = torch.empty((m, hdim), device=x.device, dtype=torch.float32 if split else x.dtype) if split or out is None \
+        else out
+    wdt = _tl_dtype(lay.weight_dtype)
+    o = lay.offsets
+    grid1 = (triton.cdiv(idim // vals, gu.block_n), m * topk)
+    if split and grid1[0] * grid1[1] * gu.block_n * vals < m * hdim:
+        y.zero_()  # the gate-up grid is too small to clear it on the way (never at Mixtral shapes)
+        split_zero = False
+    else:
+        split_zero = split
+    _gate_up_kernel[grid1](x, base, slots, stride, h, y, m * hdim, o[0], o[1], o[2], o[3], o[4], o[5],
+                           hdim, idim, g, bits, topk, indirect, split_zero, wdt,
+                           BN=gu.block_n, GPB=gu.groups_per_block, num_warps=gu.num_warps,
+                           num_stages=gu.num_stages)
+    grid2 = (triton.cdiv(hdim // vals, dn.block_n), dn.split_k, m)
+    _down_kernel[grid2](h, base, slots, stride, w, y, o[6], o[7], o[8], hdim, idim, g, bits, topk,
+                        indirect, dn.split_k, wdt, BN=dn.block_n, GPB=dn.groups_per_block,
+                        num_warps=dn.num_warps, num_stages=dn.num_stages)
+    if not split:
+        return y
+    if out is None:
+        return y.to(x.dtype)
+    return out.copy_(y)
+
+
+def packed_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  shape: tuple[int, int], bits: int, group_size: int, cfg: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] @ W.T for one hqq u8-packed (axis=1) matrix W [N, K] on CUDA (e.g. 4-bit attention)."""
+    n, k = shape
+    cfg = cfg or LINEAR
+    _check_cfg(cfg, k, group_size)
+    y = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n // (8 // bits), cfg.block_n), x.shape[0])
+    _linear_kernel[grid](x.contiguous(), w_q, scale, zero, y, n, k, group_size, bits, BN=cfg.block_n,
+                         GPB=cfg.groups_per_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+def dequantize(w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int], bits: int,
+               group_size: int, packing: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, K] weight of one hqq-packed matrix, dequantized on the GPU by one Triton launch (any packing;
+    equals hqq's Quantizer.dequantize up to the final rounding)."""
+    n, k = shape
+    w = out if out is not None else torch.empty(shape, device=w_q.device, dtype=dtype)
+    total = n * k
+    if total >= 2 ** 31:
+        raise ValueError(f"matrix of {total} weights is too large for the int32 dequantize kernel")
+    step = w_q.shape[0] if w_q.dim() == 2 else w_q.numel() // group_size
+    block = 1024
+    _dequant_kernel[(triton.cdiv(total, block),)](w_q, scale, zero, w, total, step, group_size, bits,
+                                                  _WORD_TOP[packing], BLOCK=block)
+    return w
+
+
+# ------------------------------------------------------------------------------------------ slow paths
+_LAYOUTS: dict[int, tuple[ExpertManifest, PackedLayout]] = {}
+
+
+def layout_of(manifest: ExpertManifest) -> PackedLayout:
+    """PackedLayout of a manifest, memoised by identity (manifests are reused across calls)."""
+    hit = _LAYOUTS.get(id(manifest))
+    if hit is not None and hit[0] is manifest:
+        return hit[1]
+    lay = PackedLayout.from_manifest(manifest)
+    if len(_LAYOUTS) > 4096:
+        _LAYOUTS.clear()
+    _LAYOUTS[id(manifest)] = (manifest, lay)
+    return lay
+
+
+_WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(numel: int, device: torch.device, dtype: torch.dtype, slot: int) -> torch.Tensor:
+    """Reused dequantization buffers (three per device/dtype) so the fallback allocates nothing per call."""
+    key = (device, dtype)
+    ws = _WORKSPACE.get(key)
+    if ws is None or ws.shape[1] < numel:
+        ws = torch.empty((3, numel), device=device, dtype=dtype)
+        _WORKSPACE[key] = ws
+    return ws[slot, :numel]
+
+
+def _weights_of(buf: torch.Tensor, manifest: ExpertManifest | PackedLayout, lay: PackedLayout,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """w1, w3, w2 as [out, in] tensors in ``dtype``: views at bits 16, else dequantized."""
+    shapes = ((lay.inter, lay.hidden), (lay.inter, lay.hidden), (lay.hidden, lay.inter))
+    wdt = dtype_of(lay.weight_dtype)
+    if lay.bits == 16:
+        o = lay.offsets
+        return [buf[o[i]:o[i] + s[0] * s[1] * wdt.itemsize].view(wdt).view(s).to(dtype)
+                for i, s in enumerate(shapes)]
+    if _triton_ok(buf):
+        out = []
+        for i, s in enumerate(shapes):
+            oq, os_, oz = lay.offsets[3 * i:3 * i + 3]
+            ngroups = s[0] * s[1] // lay.group_size
+            qdt = dtype_of(lay.wq_dtype)
+            w_q = buf[oq:oq + lay.wq_rows[i] * lay.group_size * qdt.itemsize].view(qdt).view(-1, lay.group_size)
+            scale = buf[os_:os_ + wdt.itemsize * ngroups].view(wdt)
+            zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
+            w = _workspace(s[0] * s[1], buf.device, dtype, i).view(s)
+            out.append(dequantize(w_q, scale, zero, s, lay.bits, lay.group_size, lay.packing, dtype, w))
+        return out
+    if not isinstance(manifest, ExpertManifest):
+        raise ValueError("the CPU path needs the ExpertManifest, not only its layout")
+    return [dequantize_matrix(buf, manifest, name).to(dtype) for name in ("w1", "w3", "w2")]
+
+
+def _expert_ffn_dequant(x: torch.Tensor, buf: torch.Tensor, manifest: ExpertManifest | PackedLayout,
+                        lay: PackedLayout, out: torch.Tensor | None) -> torch.Tensor:
+    w1, w3, w2 = _weights_of(buf, manifest, lay, x.dtype)
+    y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    return y if out is None else out.copy_(y)
+
+
+def _moe_ffn_unfused(x: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                     lay: PackedLayout, out: torch.Tensor | None) -> torch.Tensor:
+    """Dequantize + cuBLAS per used slot (3-bit layouts, prefill-sized batches). Syncs on ``slots``."""
+    y = torch.zeros_like(x) if out is None else out.zero_()
+    flat = slots.reshape(-1).tolist()
+    for s in sorted(set(flat)):
+        sel = (slots == s)                              # [M, T]
+        tok = sel.any(dim=1).nonzero().squeeze(1)
+        wsel = (weights * sel).sum(dim=1)[tok].to(x.dtype)
+        y.index_add_(0, tok, _expert_ffn_dequant(x[tok], slab[s], lay, lay, None) * wsel[:, None])
+    return y
+
+
+def views_of(buf: torch.Tensor, manifest: ExpertManifest) -> dict[str, dict[str, torch.Tensor]]:
+    """Re-export of format.tensor_views for callers that only import this module."""
+    return tensor_views(buf, manifest)
