@@ -45,6 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-token-file", help="shared token (else $MOE_AUTH_TOKEN): required by this server "
                    "when it binds a non-loopback address, and sent to the expert workers")
     p.add_argument("--worker-tls-root", type=Path, help="CA certificate (PEM) of TLS expert workers")
+    p.add_argument("--ray-actor-prefix", default="expert-worker",
+                   help="with --ray: expert worker actors are the named actors starting with this")
+    p.add_argument("--ray-namespace", default=None, help="with --ray: only actors of this namespace")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -90,7 +93,8 @@ def open_source(args: argparse.Namespace) -> object:
     if args.worker_tls_root is not None:
         options["credentials"] = grpc.ssl_channel_credentials(args.worker_tls_root.read_bytes())
     workers = [w.strip() for w in args.workers.split(",") if w.strip()] if args.workers else None
-    return connect(workers, args.ray, args.wait_workers_s, **options)
+    ray_options = {"prefix": args.ray_actor_prefix, "namespace": args.ray_namespace}
+    return connect(workers, args.ray, args.wait_workers_s, ray_options, **options)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -14,30 +14,39 @@ log = logging.getLogger(__name__)
 WORKER_ACTOR_PREFIX = "expert-worker"
 
 
-def ray_worker_addresses(address: str, deadline: float) -> list[str]:
-    """gRPC addresses of the expert worker actors registered in the Ray cluster at ``address``."""
+def ray_workers(address: str, deadline: float, prefix: str = WORKER_ACTOR_PREFIX,
+                namespace: str | None = None) -> dict[str, Any]:
+    """gRPC address -> actor handle of every expert worker actor (named ``prefix``*) in the Ray cluster at
+    ``address``; waits until ``deadline`` for at least one, and for each to be ready."""
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.WARNING,
+                 _node_ip_address=os.environ.get("RAY_NODE_IP_ADDRESS", "127.0.0.1"))
     while True:
-        actors = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].startswith(WORKER_ACTOR_PREFIX)]
-        if actors:
-            handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in actors]
-            return sorted(set(ray.get([h.address.remote() for h in handles])))
+        named = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith(prefix) and namespace in (None, a["namespace"])]
+        if named:
+            handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named]
+            ray.get([h.ready.remote(max(1.0, deadline - time.monotonic())) for h in handles])
+            return dict(zip(ray.get([h.address.remote() for h in handles]), handles))
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no expert worker actors ({WORKER_ACTOR_PREFIX}*) in the Ray cluster at {address}")
+            raise TimeoutError(f"no expert worker actors named {prefix}* in the Ray cluster at {address}")
         time.sleep(1.0)
 
 
 def connect(workers: Sequence[str] | None, ray_address: str | None, wait_s: float,
-            **options: Any) -> ExpertSource:
+            ray_options: dict[str, Any] | None = None, **options: Any) -> ExpertSource:
     """An ExpertSource whose workers all answer, waiting up to ``wait_s`` for them to finish loading.
     ``options`` go to RemoteSource (timeout_s, prefer_zero_copy, metadata, credentials, ...)."""
     deadline = time.monotonic() + wait_s
-    addresses = list(workers) if workers else ray_worker_addresses(ray_address or "auto", deadline)
+    if workers:
+        addresses = list(workers)
+    else:
+        actors = ray_workers(ray_address or "auto", deadline, **(ray_options or {}))
+        addresses = sorted(actors)
+        options = {**options, "actors": actors}  # zero-copy reads of Ray-storage workers
     if not addresses:
         raise ValueError("no expert worker addresses given")
     while True:

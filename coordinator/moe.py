@@ -105,6 +105,8 @@ class ExpertRunner:
             top_k_weights  [T, K]   float32 routing weights (normalized over K)
             returns        [T, H]   sum_k weight[t, k] * expert_{index[t, k]}(x[t])
         """
+        if layer == 0:
+            self._predicted.clear()  # guesses left over from a failed step must not be scored
         self._pump()
         used = top_k_index.unique().tolist()
         self._count_recall(layer, used, decode=x.shape[0] == 1)
