@@ -131,11 +131,16 @@ class ShardCache:
                     break
                 pos += n
                 yield n
+            if hasattr(os, "posix_fadvise"):  # the bytes now live in shm: don't keep a second copy in page cache
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     @contextmanager
     def writer(self, fingerprint: str, stamp: str, settings: dict[str, Any]) -> Iterator[CacheWriter]:
-        """A writer for a new cache; it replaces the old files only when the block completes."""
+        """A writer for a new cache; it replaces the old files only when the block completes. Call it holding
+        ``locked()``: it also removes temporary files of builders that died."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob(f"{self.data_path.stem}.*.tmp*"):  # left by a builder that was killed
+            stale.unlink(missing_ok=True)
         tmp_data = self.data_path.with_suffix(f".data.tmp{os.getpid()}")
         try:
             with open(tmp_data, "wb") as f:

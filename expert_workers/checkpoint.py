@@ -132,12 +132,6 @@ class Checkpoint:
             raise KeyError(f"expert {key} is outside the model ({self.layout.num_layers} layers x "
                            f"{self.layout.num_experts} experts)")
 
-    def files_of(self, key: ExpertKey) -> tuple[str, ...]:
-        """The safetensors files holding this expert's tensors (raises CheckpointError for a missing key)."""
-        self._check_key(key)
-        names = self._tensor_names(key)
-        return tuple(self.weight_map[n] for n in names)
-
     def is_fused(self, layer: int) -> bool:
         """Whether layer ``layer`` stores its experts in transformers 5's fused layout."""
         return _fused_key(layer, "gate_up_proj") in self.weight_map

@@ -30,10 +30,8 @@ from expert_workers.source import ExpertNotFound, ExpertUnavailable, make_source
 CODE_MOE = SHARED_MODELS / "code-moe-22m"
 
 
-def spawn_parallel(ckpt: Path, n: int, extra: list[str], replicas: int = 1) -> list[ServerProcess]:
-    """Like conftest.spawn_workers, but starts the processes concurrently (their imports overlap)."""
-    jobs = [["expert_workers", "serve", "--model", str(ckpt), "--shard", f"{i}/{n}", "--port", "0",
-             "--replica", str(r), *extra] for r in range(replicas) for i in range(n)]
+def start_parallel(jobs: list[list[str]]) -> list[ServerProcess]:
+    """conftest.start_server for several commands at once (their imports overlap); all or none keep running."""
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(start_server, job) for job in jobs]
         cf.wait(futures)
@@ -43,6 +41,12 @@ def spawn_parallel(ckpt: Path, n: int, extra: list[str], replicas: int = 1) -> l
             s.stop()
         raise next(f.exception() for f in futures if f.exception() is not None)  # type: ignore[misc]
     return started
+
+
+def spawn_parallel(ckpt: Path, n: int, extra: list[str], replicas: int = 1) -> list[ServerProcess]:
+    """Like conftest.spawn_workers (n shards x replicas), started concurrently."""
+    return start_parallel([["expert_workers", "serve", "--model", str(ckpt), "--shard", f"{i}/{n}", "--port", "0",
+                            "--replica", str(r), *extra] for r in range(replicas) for i in range(n)])
 
 
 def stop_all(servers: list[ServerProcess]) -> None:
@@ -231,11 +235,10 @@ def test_cache_reused_on_restart_and_corrupt_cache_rebuilt(tiny_ckpt: Path, tmp_
 
 def test_failover_on_corruption_delay_and_death(tiny_ckpt: Path) -> None:
     """Three replicas of one shard: one corrupts every payload, one answers too slowly, one is healthy."""
-    base = ["--no-progress"]
-    bad = spawn_workers(tiny_ckpt, 1, [*base, "--inject-corrupt-every", "1"])
-    slow = spawn_workers(tiny_ckpt, 1, [*base, "--inject-delay-ms", "3000"], replicas=1)
-    good = spawn_workers(tiny_ckpt, 1, base)
-    servers = bad + slow + good
+    base = ["expert_workers", "serve", "--model", str(tiny_ckpt), "--shard", "0/1", "--port", "0", "--no-progress"]
+    servers = start_parallel([[*base, *extra] for extra in
+                              (["--inject-corrupt-every", "1"], ["--inject-delay-ms", "3000"], [])])
+    good = servers[2:]
     try:
         source = RemoteSource([s.address for s in servers], prefer_zero_copy=False, timeout_s=1.0, cooldown_s=0)
         reference = RemoteSource([good[0].address], prefer_zero_copy=False)
