@@ -79,9 +79,14 @@ def write_tiny_random(out: Path, spec: TinySpec) -> Path:
     with torch.no_grad():  # default init (std 0.02) makes near-uniform logits; widen so tokens differ
         for p in model.parameters():
             p.normal_(0.0, 0.08 if p.dim() > 1 else 0.02).add_(1.0 if p.dim() == 1 else 0.0)
-    model.save_pretrained(out, max_shard_size=spec.max_shard_size)
+    # transformers 5 converts back to Mixtral's shipped key layout on save by default
+    # (save_original_format=True); the fused layout needs it off. Older versions lack the flag and save fused.
+    try:
+        model.save_pretrained(out, max_shard_size=spec.max_shard_size, save_original_format=not spec.fused_experts)
+    except TypeError:
+        model.save_pretrained(out, max_shard_size=spec.max_shard_size)
     if not spec.fused_experts:
-        unfuse_experts(out)
+        unfuse_experts(out)  # a no-op where save already wrote w1/w2/w3
     _byte_tokenizer(out)
     return out
 
