@@ -4,6 +4,7 @@
                                        [--top-p P] [--seed S] [--stream] [--stats] [--timeout S]
     python -m client stats --address HOST:PORT
     python -m client health --address HOST:PORT
+    (each also takes --timeout S, --token-file F, --tls-root-cert PEM)
 
 Exit status: 0 on success, 1 when the server answers with an error (printed as ``error: CODE: message``),
 2 for bad command-line arguments.
@@ -16,6 +17,7 @@ import json
 import sys
 
 from client import Client, ClientError
+from expert_workers.security import load_token
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -35,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
               sub.add_parser("health", help="print SERVING or NOT_SERVING")):
         p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"coordinator HOST:PORT ({DEFAULT_ADDRESS})")
         p.add_argument("--timeout", type=float, default=60.0, help="per-call deadline in seconds (default 60)")
+        p.add_argument("--token-file", default=None,
+                       help="file holding the shared auth token (default: $MOE_AUTH_TOKEN, if set)")
+        p.add_argument("--tls-root-cert", default=None, help="PEM root certificate: connect over TLS")
     return parser
 
 
@@ -59,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        with Client(args.address, timeout_s=args.timeout) as c:
+        token = load_token(args.token_file)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        with Client(args.address, timeout_s=args.timeout, token=token, tls_root_cert=args.tls_root_cert) as c:
             if args.command == "generate":
                 _generate(c, args)
             elif args.command == "stats":

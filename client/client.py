@@ -11,8 +11,10 @@ Every call takes an optional ``timeout_s`` that overrides the client's default. 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -101,13 +103,19 @@ class TokenStream:
 class Client:
     """A connection to one coordinator (``HOST:PORT``). Thread-safe; close it (or use ``with``)."""
 
-    def __init__(self, address: str, timeout_s: float | None = 60.0) -> None:
-        """``timeout_s`` is the default per-call deadline in seconds (None: no deadline)."""
+    def __init__(self, address: str, timeout_s: float | None = 60.0, *, token: str | None = None,
+                 tls_root_cert: str | os.PathLike[str] | None = None) -> None:
+        """``timeout_s`` is the default per-call deadline in seconds (None: no deadline). ``token`` is the
+        shared secret of a coordinator bound beyond loopback (default: ``$MOE_AUTH_TOKEN``);
+        ``tls_root_cert`` a PEM file that turns TLS on."""
+        from expert_workers.security import client_channel, load_token  # the servers' own auth policy
+
         if not isinstance(address, str) or ":" not in address:
             raise InvalidArgumentError(f"address must be HOST:PORT, got {address!r}")
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        root = Path(tls_root_cert) if tls_root_cert is not None else None
+        self._channel = client_channel(address, token or load_token(None), root, CHANNEL_OPTIONS)
         self._stubs = wire.Stubs(self._channel)
 
     def __enter__(self) -> Client:
