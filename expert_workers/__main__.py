@@ -2,9 +2,12 @@
 
     python -m expert_workers serve --model M --shard I/N --port P [--host 127.0.0.1]
                                    [--expert-bits {2,3,4,8,16}] [--group-size G] [--replica R] [--cache-dir D]
+                                   [--auth-token-file F] [--tls-cert PEM --tls-key PEM]
 
 Binds at once (health NOT_SERVING, expert RPCs UNAVAILABLE), quantizes or reloads its shard, then prints exactly
 ``expert worker serving on HOST:PORT``. SIGTERM/SIGINT stop it gracefully and unlink its shared memory.
+A host other than loopback needs a shared token (``--auth-token-file`` or ``$MOE_AUTH_TOKEN``): without one the
+worker exits with status 2 before binding anything.
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="checkpoint directory, or tiny-random / smollm2-moe")
     s.add_argument("--shard", default="0/1", help="I/N: serve experts with (layer*E+expert) %% N == I [0/1]")
     s.add_argument("--port", type=int, required=True, help="TCP port; 0 picks a free one")
-    s.add_argument("--host", default="127.0.0.1", help="interface to bind [127.0.0.1]")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind [127.0.0.1]; any other needs a shared token")
+    s.add_argument("--auth-token-file", default=None,
+                   help="file holding the shared token every caller must send [$MOE_AUTH_TOKEN]")
+    s.add_argument("--tls-cert", default=None, help="server certificate (PEM); with --tls-key turns TLS on")
+    s.add_argument("--tls-key", default=None, help="server private key (PEM)")
     s.add_argument("--expert-bits", type=int, default=2, choices=ALL_BITS,
                    help="hqq bits; 16 keeps the checkpoint's weights unquantized [2]")
     s.add_argument("--group-size", type=int, default=64, help="hqq group size [64]")
@@ -41,23 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     # Test-only fault injection (see service.FaultInjection): deliberately not in --help or the README.
     s.add_argument("--inject-delay-ms", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--inject-corrupt-every", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--inject-truncate-every", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--inject-hold-load-while", default="", help=argparse.SUPPRESS)
     return p
 
 
 def serve(args: argparse.Namespace) -> int:
     """Runs one worker until SIGTERM/SIGINT; returns the exit status."""
+    from expert_workers.security import load_token
     from expert_workers.server import ServerConfig, WorkerServer
     from expert_workers.service import FaultInjection
     from expert_workers.store import ExpertStore
 
+    fault = FaultInjection(delay_ms=args.inject_delay_ms, corrupt_every=args.inject_corrupt_every,
+                           truncate_every=args.inject_truncate_every, hold_load_while=args.inject_hold_load_while)
+    config = ServerConfig(host=args.host, port=args.port, max_workers=args.threads, fault=fault,
+                          auth_token=load_token(args.auth_token_file), tls_cert=args.tls_cert, tls_key=args.tls_key)
+    config.security.validate()  # refuse a bad bind before reading the model or binding anything
     spec = QuantSpec(bits=args.expert_bits, group_size=args.group_size)
     store = ExpertStore(args.model, args.shard, spec, replica=args.replica, cache_dir=args.cache_dir,
                         progress=not args.no_progress)
-    fault = FaultInjection(delay_ms=args.inject_delay_ms, corrupt_every=args.inject_corrupt_every,
-                           hold_load_while=args.inject_hold_load_while)
-    server = WorkerServer(store, ServerConfig(host=args.host, port=args.port, max_workers=args.threads,
-                                              fault=fault))
+    server = WorkerServer(store, config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())

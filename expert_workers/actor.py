@@ -48,7 +48,8 @@ class ExpertWorkerActor:
         cache_dir: quantized-expert cache directory on the node (default ``$MOE_CACHE_DIR/experts``).
         storage: ``"ray"`` (object store, ``object_refs()``) or ``"shm"`` (POSIX shm: zero-copy for plain
             RemoteSource readers on the node, no Ray needed on their side).
-        server: gRPC options (host, port, threads, TLS, interceptors); default 127.0.0.1, a free port.
+        server: gRPC options (host, port, threads, auth token, TLS paths, test-only faults); default 127.0.0.1,
+            a free port. A non-loopback host without ``auth_token`` is refused (ValueError).
         """
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._store = ExpertStore(model, shard, QuantSpec(bits=bits, group_size=group_size), replica=replica,
@@ -56,11 +57,13 @@ class ExpertWorkerActor:
         self._server = WorkerServer(self._store, server or ServerConfig())
         self._server.start()
         self._loaded = threading.Event()
+        self._stopping = threading.Event()
         self._error: BaseException | None = None
         threading.Thread(target=self._load, name="expert-load", daemon=True).start()
 
     def _load(self) -> None:
         try:
+            self._server.config.fault.wait_before_load(self._stopping)  # test-only: hold NOT_SERVING
             self._store.load()
             self._server.set_serving(True)
             log.info("expert worker serving on %s", self._server.address)
@@ -112,6 +115,7 @@ class ExpertWorkerActor:
     def shutdown(self, grace_s: float = 5.0) -> None:
         """Stops serving (in-flight RPCs get ``grace_s``), releases the shard's memory and exits the actor for
         good (no restart)."""
+        self._stopping.set()
         self._server.stop(grace_s)
         self._store.close()
         ray.actor.exit_actor()
@@ -134,8 +138,8 @@ def start_expert_worker(model: str, shard: str = "0/1", *, bits: int = 2, group_
     num_cpus: CPUs reserved for it (0: it mostly copies memory and waits on sockets).
     name/namespace/detached: a named (optionally detached) actor, so deploy tools can find it again with
         ``ray.get_actor(name, namespace)`` and it outlives the driver that created it.
-    server: must pickle (plain fields); TLS credentials and interceptors are built inside the actor, so pass
-        them by subclassing ExpertWorkerActor rather than in ServerConfig.
+    server: must pickle: give the token and TLS files as ``auth_token``/``tls_cert``/``tls_key`` (the actor builds
+        the credentials and the auth interceptor itself), not as prebuilt ``credentials``/``interceptors``.
     """
     options: dict[str, Any] = {"max_restarts": max_restarts, "max_task_retries": max_task_retries,
                                "resources": {EXPERT_HOST_RESOURCE: expert_host}, "num_cpus": num_cpus,

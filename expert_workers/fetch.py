@@ -13,21 +13,23 @@ Paths, fastest first:
   ObjectRefs are resolved with ``ray.get``, zero-copy on the same node.
 - **gRPC streaming**: ``FetchExpert`` chunks written straight into the caller's buffer, under a deadline.
 
-Every byte handed out is checked against the manifest's xxh3 checksum; a mismatch counts as DATA_LOSS and the next
-replica is tried. Replicas are tried co-located first, then round-robin; a replica that failed is tried last for
-``cooldown_s``. ``ExpertUnavailable`` when none works; each attempt has its own deadline (``timeout_s``).
+Every byte handed out is checked against the manifest's xxh3 checksum; a mismatch or a truncated stream counts as
+DATA_LOSS (``checksum_failures``) and the next replica is tried; the bad bytes only ever sit in the caller's
+buffer, which the retry overwrites. Replicas are tried co-located first, then round-robin; a slow or corrupt one
+is tried last for ``cooldown_s``; one that is gone (UNAVAILABLE, lost objects) is tried last until a
+``replicas.Reviver`` thread sees it ready again (at its new address, for a restarted Ray actor).
+``ExpertUnavailable`` when none works; every RPC has a deadline (``timeout_s`` for fetches and handles).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import grpc
@@ -36,8 +38,12 @@ import torch
 
 from expert_workers import wire
 from expert_workers.format import ExpertKey, ExpertLayout, ExpertManifest, checksum
+from expert_workers.replicas import (DataLoss, Dialer, Replica, ReplicaGone, Reviver, map_segment,
+                                     release_segments, same_shard)
 from expert_workers.source import ExpertNotFound, ExpertUnavailable
-from expert_workers.store import ExpertHandle, host_id, release_shm
+from expert_workers.store import ExpertHandle, host_id
+
+__all__ = ["DataLoss", "RemoteSource"]
 
 log = logging.getLogger(__name__)
 
@@ -48,94 +54,58 @@ FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 with another shard.) INVALID_ARGUMENT and auth errors are ours and would fail everywhere: they are raised."""
 
 
-class DataLoss(RuntimeError):
-    """A payload failed its checksum, was truncated or did not match its manifest."""
-
-
-@dataclass
-class _Segment:
-    """One mapped shm segment of a co-located worker."""
-
-    shm: shared_memory.SharedMemory
-    tensor: torch.Tensor
-
-
-@dataclass(eq=False)
-class _Worker:
-    """One worker address: its channel, what it told us, and its mapped shared memory."""
-
-    address: str
-    channel: grpc.Channel
-    stub: Any
-    info: wire.RemoteInfo
-    colocated: bool
-    down_until: float = 0.0
-    handles: dict[ExpertKey, ExpertHandle] = field(default_factory=dict)
-    segments: dict[str, _Segment] = field(default_factory=dict)
-    refs: dict[ExpertKey, Any] | None = None
-    shm_broken: bool = False
-
-
-def _map_segment(name: str, size: int) -> _Segment:
-    """Maps a worker's segment without letting this process's resource tracker unlink it at our exit."""
-    shm = shared_memory.SharedMemory(name=name)
-    # Python <= 3.12 registers every attached segment and unlinks it when this process exits: the worker's
-    # memory would vanish under it. 3.13 has track=False; unregistering is the portable equivalent.
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    if shm.size < size:
-        release_shm(shm)
-        raise DataLoss(f"shm segment {name} has {shm.size} bytes, the worker announced {size}")
-    return _Segment(shm, torch.frombuffer(shm.buf, dtype=torch.uint8, count=size))
-
-
 class RemoteSource:
     """ExpertSource over expert worker processes. Thread-safe: fetches may run on many threads at once."""
 
     def __init__(self, addresses: Sequence[str], *, timeout_s: float = 30.0, connect_timeout_s: float = 30.0,
                  prefer_zero_copy: bool = True, chunk_bytes: int = 0, cooldown_s: float = 2.0,
                  credentials: grpc.ChannelCredentials | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 actors: Mapping[str, Any] | None = None) -> None:
+                 actors: Mapping[str, Any] | None = None, probe_s: float = 0.25) -> None:
         """``addresses``: HOST:PORT of every worker (all shards, all replicas). ``timeout_s``: deadline of one
-        fetch attempt. ``connect_timeout_s``: how long startup waits for a worker to answer GetInfo.
-        ``prefer_zero_copy``: False forces gRPC streaming even for co-located workers. ``chunk_bytes``: stream
-        chunk size (0 = server default). ``credentials`` (TLS) and ``metadata`` (e.g. an auth token) go on every
-        call. ``actors``: address -> Ray actor handle, for zero-copy reads of Ray-storage workers."""
+        fetch attempt (and of every other RPC). ``connect_timeout_s``: how long startup waits for a worker to
+        answer GetInfo. ``prefer_zero_copy``: False forces gRPC streaming even for co-located workers.
+        ``chunk_bytes``: stream chunk size (0 = server default). ``cooldown_s``: how long a slow or corrupt
+        replica is tried only last. ``credentials`` (TLS) and ``metadata`` (e.g. an auth token) go on every
+        call. ``actors``: address -> Ray actor handle, for zero-copy reads of Ray-storage workers and for
+        finding a restarted actor's new address. ``probe_s``: first interval at which a gone replica is polled."""
         if not addresses:
             raise ValueError("RemoteSource needs at least one worker address")
         self.timeout_s, self.prefer_zero_copy, self.chunk_bytes = timeout_s, prefer_zero_copy, chunk_bytes
-        self.cooldown_s, self._metadata = cooldown_s, tuple(metadata)
-        self._actors = dict(actors or {})
+        self.cooldown_s = cooldown_s
+        self._dialer = Dialer(credentials, tuple(metadata))
+        self._metadata = self._dialer.metadata
         self._host_id = host_id()
         self._lock = threading.Lock()
         self._stats: dict[str, float] = {k: 0.0 for k in (
             "fetches", "bytes_fetched", "grpc_fetches", "remote_fetches", "shm_copies", "zero_copy_reads",
-            "ray_reads", "checksum_failures", "failovers", "rpc_errors", "unavailable")}
+            "ray_reads", "checksum_failures", "failovers", "rpc_errors", "deadline_exceeded", "replicas_gone",
+            "revivals", "unavailable")}
         self._manifests: dict[ExpertKey, ExpertManifest] = {}
         self._verified: set[tuple[str, ExpertKey]] = set()
-        self._rr: dict[tuple[str, ...], itertools.count[int]] = {}
-        self._workers = [self._connect(a, credentials, connect_timeout_s) for a in dict.fromkeys(addresses)]
-        self._replicas = self._replica_map()
+        self._rr: dict[tuple[int, ...], itertools.count[int]] = {}
+        self._reviver = Reviver(self._dialer, self._revived, probe_s=probe_s,
+                                probe_timeout_s=min(2.0, timeout_s, connect_timeout_s))
+        self._workers: list[Replica] = []
+        try:
+            for a in dict.fromkeys(addresses):
+                self._workers.append(self._connect(a, (actors or {}).get(a), connect_timeout_s))
+            self._replicas = self._replica_map()
+        except BaseException:
+            self.close()
+            raise
         self._layout: ExpertLayout | None = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
-    def _connect(self, address: str, credentials: grpc.ChannelCredentials | None, timeout_s: float) -> _Worker:
-        options = [("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES)]
-        channel = (grpc.secure_channel(address, credentials, options) if credentials is not None
-                   else grpc.insecure_channel(address, options))
-        stub = wire.pb_grpc.ExpertServiceStub(channel)
+    def _connect(self, address: str, actor: Any, timeout_s: float) -> Replica:
         try:
             # wait_for_ready: a worker that is still starting (not yet bound) gets until the deadline
-            msg = stub.GetInfo(wire.info_request(), timeout=timeout_s, wait_for_ready=True, metadata=self._metadata)
+            channel, stub, info = self._dialer.dial(address, timeout_s, wait_for_ready=True)
         except grpc.RpcError as e:
-            channel.close()
             raise ExpertUnavailable(f"expert worker {address} did not answer GetInfo within {timeout_s}s: "
                                     f"{e.code().name}: {e.details()}") from e
-        info = wire.info_from_pb(msg)
-        colocated = info.host_id == self._host_id
-        return _Worker(address, channel, stub, info, colocated)
+        return Replica(address, channel, stub, info, info.host_id == self._host_id, actor=actor)
 
-    def _replica_map(self) -> dict[ExpertKey, list[_Worker]]:
+    def _replica_map(self) -> dict[ExpertKey, list[Replica]]:
         """key -> workers holding it; checks that the workers agree on the model and cover all of it."""
         first = self._workers[0].info
         for w in self._workers[1:]:
@@ -147,7 +117,7 @@ class RemoteSource:
                     f"at {first.spec.bits} bits g{first.spec.group_size} ({first.num_layers}x{first.num_experts}), "
                     f"{w.address} serves {i.model_fingerprint[:8]} at {i.spec.bits} bits g{i.spec.group_size} "
                     f"({i.num_layers}x{i.num_experts})")
-        replicas: dict[ExpertKey, list[_Worker]] = {}
+        replicas: dict[ExpertKey, list[Replica]] = {}
         for w in self._workers:
             for k in w.info.experts:
                 replicas.setdefault(k, []).append(w)
@@ -206,12 +176,10 @@ class RemoteSource:
             except grpc.RpcError as e:
                 self._on_rpc_error(w, e, errors)
                 continue
-            except DataLoss as e:
-                self._count("checksum_failures")
-                self._mark_down(w)
-                errors.append(f"{w.address}: DATA_LOSS: {e}")
-                log.warning("expert %s from %s: %s; trying another replica", key, w.address, e)
+            except (DataLoss, ReplicaGone) as e:
+                self._on_bad_replica(w, key, e, errors)
                 continue
+            w.served += 1
             self._count("fetches")
             self._count("bytes_fetched", manifest.nbytes)
             return manifest
@@ -229,32 +197,38 @@ class RemoteSource:
                 continue
             try:
                 local = self._try_local_view(w, key)
+                if local is None:
+                    continue
+                view, manifest = local
+                if (w.info.worker_id, key) not in self._verified:
+                    if checksum(view) != manifest.checksum:
+                        raise DataLoss(f"expert {key} in the shared memory of {w.address} fails its checksum")
+                    with self._lock:
+                        self._verified.add((w.info.worker_id, key))
             except grpc.RpcError as e:
                 self._on_rpc_error(w, e, errors)
                 continue
-            except DataLoss:
-                self._count("checksum_failures")
-                self._mark_down(w)
+            except (DataLoss, ReplicaGone) as e:
+                self._on_bad_replica(w, key, e, errors)
                 continue
-            if local is None:
-                continue
-            view, manifest = local
-            if (w.info.worker_id, key) not in self._verified:
-                if checksum(view) != manifest.checksum:
-                    self._count("checksum_failures")
-                    self._mark_down(w)
-                    continue
-                with self._lock:
-                    self._verified.add((w.info.worker_id, key))
+            w.served += 1
             self._count("zero_copy_reads")
             return view
         return None
 
     def stats(self) -> dict[str, float]:
         """Counters: fetches, bytes_fetched, grpc_fetches (= remote_fetches), shm_copies, zero_copy_reads,
-        ray_reads, checksum_failures, failovers, rpc_errors, unavailable."""
+        ray_reads, checksum_failures (corrupt or truncated payloads), failovers, rpc_errors, deadline_exceeded,
+        replicas_gone, revivals, unavailable (requests no replica could serve)."""
         with self._lock:
             return dict(self._stats)
+
+    def replicas(self) -> list[dict[str, Any]]:
+        """Every replica's state: address, worker_id, pid, shard, replica, healthy, gone, served, failures,
+        revivals."""
+        now = time.monotonic()
+        with self._lock:
+            return [w.status(now) for w in self._workers]
 
     def worker_stats(self) -> dict[str, dict[str, float]]:
         """Each worker's own counters (GetStats), by address; unreachable workers are left out."""
@@ -268,11 +242,11 @@ class RemoteSource:
         return out
 
     def close(self) -> None:
-        """Closes channels and unmaps shared memory (views handed out keep their mapping alive)."""
+        """Stops the revival threads, closes channels and unmaps shared memory (views handed out keep their
+        mapping alive)."""
+        self._reviver.close()
         for w in self._workers:
-            for seg in w.segments.values():
-                release_shm(seg.shm)
-            w.segments.clear()
+            release_segments(w.forget_process())
             w.channel.close()
 
     def __enter__(self) -> RemoteSource:
@@ -282,15 +256,15 @@ class RemoteSource:
         self.close()
 
     # ---- replica choice ------------------------------------------------------------------------------------
-    def _order(self, key: ExpertKey) -> list[_Worker]:
+    def _order(self, key: ExpertKey) -> list[Replica]:
         """Replicas to try: healthy co-located ones (zero-copy), healthy remote ones from a rotating start
-        (spreads load), then the ones in cooldown after a failure (better late than UNAVAILABLE)."""
+        (spreads load), then the ones in cooldown or gone (better late than UNAVAILABLE)."""
         try:
             replicas = self._replicas[key]
         except KeyError:
             raise ExpertNotFound(f"no expert worker holds expert {key}") from None
         now = time.monotonic()
-        group = tuple(w.address for w in replicas)  # one counter per replica set: keys of one shard rotate
+        group = tuple(id(w) for w in replicas)  # one counter per replica set: keys of one shard rotate
         with self._lock:
             counter = self._rr.setdefault(group, itertools.count())
         start = next(counter) % len(replicas)
@@ -299,32 +273,74 @@ class RemoteSource:
         local = [w for w in healthy if self._zero_copy_capable(w)]
         return local + [w for w in healthy if w not in local] + [w for w in rotated if w.down_until > now]
 
-    def _mark_down(self, w: _Worker) -> None:
-        w.down_until = time.monotonic() + self.cooldown_s
-        w.handles.clear()  # a restarted worker has a new segment: ask again
+    def _mark_down(self, w: Replica, gone: bool = False) -> None:
+        """Out of rotation: for ``cooldown_s``, or (``gone``) until the Reviver sees it ready again."""
+        with self._lock:
+            w.failures += 1
+            w.down_until = math.inf if gone else max(w.down_until, time.monotonic() + self.cooldown_s)
+            w.handles.clear()  # a restarted worker has a new segment: ask again
+        if gone:
+            self._count("replicas_gone")
+            self._reviver.watch(w)
 
-    def _on_rpc_error(self, w: _Worker, e: grpc.RpcError, errors: list[str]) -> None:
+    def _on_rpc_error(self, w: Replica, e: grpc.RpcError, errors: list[str]) -> None:
         code = e.code()
         self._count("rpc_errors")
         if code not in FAILOVER_CODES:
             raise e  # INVALID_ARGUMENT, auth, ...: every replica would say the same
-        self._mark_down(w)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._count("deadline_exceeded")
+        self._mark_down(w, gone=code == grpc.StatusCode.UNAVAILABLE)
         errors.append(f"{w.address}: {code.name}: {e.details()}")
         log.info("expert worker %s: %s (%s); trying another replica", w.address, code.name, e.details())
+
+    def _on_bad_replica(self, w: Replica, key: ExpertKey, e: Exception, errors: list[str]) -> None:
+        lost = isinstance(e, DataLoss)
+        if lost:
+            self._count("checksum_failures")
+        self._mark_down(w, gone=not lost)
+        errors.append(f"{w.address}: {'DATA_LOSS' if lost else 'UNAVAILABLE'}: {e}")
+        log.warning("expert %s from %s: %s; trying another replica", key, w.address, e)
+
+    def _revived(self, w: Replica, address: str, channel: grpc.Channel | None, stub: Any,
+                 info: wire.RemoteInfo) -> bool:
+        """Reviver callback: swaps in a ready replica's (new) channel and identity; False if it now serves
+        something else (it stays out of rotation)."""
+        if not same_shard(w.info, info):
+            log.error("expert worker at %s came back serving another shard or model (%s, shard %d/%d); "
+                      "leaving it out", address, info.model_fingerprint[:8], info.shard_index, info.num_shards)
+            return False
+        old_channel, segments = None, []
+        with self._lock:
+            if channel is not None:
+                old_channel, w.address, w.channel, w.stub = w.channel, address, channel, stub
+            if info.worker_id != w.info.worker_id:  # a new process: new segments and objects
+                segments = w.forget_process()
+                self._verified = {v for v in self._verified if v[0] != w.info.worker_id}
+            w.info, w.colocated = info, info.host_id == self._host_id
+            w.down_until = 0.0
+            w.revivals += 1
+        release_segments(segments)
+        if old_channel is not None:
+            old_channel.close()
+        self._count("revivals")
+        log.info("expert worker shard %d/%d replica %d is back at %s (pid %d)", info.shard_index, info.num_shards,
+                 info.replica, address, info.pid)
+        return True
 
     def _count(self, name: str, n: float = 1) -> None:
         with self._lock:
             self._stats[name] += n
 
     # ---- transports ----------------------------------------------------------------------------------------
-    def _zero_copy_capable(self, w: _Worker) -> bool:
+    def _zero_copy_capable(self, w: Replica) -> bool:
         if not (self.prefer_zero_copy and w.colocated):
             return False
         if w.shm_broken:
             return False
-        return w.address in self._actors if w.info.storage == "ray" else w.info.storage == "shm"
+        return w.actor is not None if w.info.storage == "ray" else w.info.storage == "shm"
 
-    def _fetch_from(self, w: _Worker, key: ExpertKey, out: torch.Tensor, timeout: float) -> ExpertManifest:
+    def _fetch_from(self, w: Replica, key: ExpertKey, out: torch.Tensor, timeout: float) -> ExpertManifest:
         if self._zero_copy_capable(w):
             view_or_none = self._try_local_view(w, key)
             if view_or_none is not None:
@@ -335,26 +351,26 @@ class RemoteSource:
                 return self._verified_copy(out, manifest)
         return self._stream(w, key, out, timeout)
 
-    def _try_local_view(self, w: _Worker, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest] | None:
+    def _try_local_view(self, w: Replica, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest] | None:
         """``_local_view``, or None (and gRPC from then on) when this worker's memory is not reachable here."""
         try:
             return self._local_view(w, key)
-        except (grpc.RpcError, DataLoss):
+        except (grpc.RpcError, DataLoss, ReplicaGone):
             raise
-        except Exception as e:  # noqa: BLE001 - e.g. same host id but another /dev/shm (containers), Ray gone
+        except Exception as e:  # noqa: BLE001 - e.g. same host id but another /dev/shm (containers)
             log.warning("cannot read the memory of %s directly (%s: %s); using gRPC", w.address,
                         type(e).__name__, e)
             w.shm_broken = True
             return None
 
-    def _handle(self, w: _Worker, key: ExpertKey) -> ExpertHandle:
+    def _handle(self, w: Replica, key: ExpertKey) -> ExpertHandle:
         h = w.handles.get(key)
         if h is None:
             msg = w.stub.GetExpertHandle(wire.handle_request(key), timeout=self.timeout_s, metadata=self._metadata)
             h = w.handles[key] = wire.handle_from_pb(msg)
         return h
 
-    def _local_view(self, w: _Worker, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest]:
+    def _local_view(self, w: Replica, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest]:
         """A view of the expert in the co-located worker's shm segment or Ray object (mapped once)."""
         if w.info.storage == "ray":
             return self._ray_view(w, key)
@@ -362,23 +378,26 @@ class RemoteSource:
         with self._lock:
             seg = w.segments.get(h.shm_name)
             if seg is None:
-                seg = w.segments[h.shm_name] = _map_segment(h.shm_name, h.segment_bytes)
+                seg = w.segments[h.shm_name] = map_segment(h.shm_name, h.segment_bytes)
         if h.offset + h.length > seg.tensor.numel() or h.length != h.manifest.nbytes:
             raise DataLoss(f"handle of {key} from {w.address} points outside its segment")
         return seg.tensor[h.offset:h.offset + h.length], h.manifest
 
-    def _ray_view(self, w: _Worker, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest]:
+    def _ray_view(self, w: Replica, key: ExpertKey) -> tuple[torch.Tensor, ExpertManifest]:
         import ray  # only with Ray-storage workers
 
-        if w.refs is None:
-            w.refs = ray.get(self._actors[w.address].object_refs.remote(), timeout=self.timeout_s)
-        array = ray.get(w.refs[key], timeout=self.timeout_s)
+        try:
+            if w.refs is None:
+                w.refs = ray.get(w.actor.object_refs.remote(), timeout=self.timeout_s)
+            array = ray.get(w.refs[key], timeout=self.timeout_s)
+        except ray.exceptions.RayError as e:  # the actor (owner of the objects) died or is restarting
+            raise ReplicaGone(f"Ray objects of {w.address} unreachable: {type(e).__name__}: {e}") from e
         self._count("ray_reads")
         with warnings.catch_warnings():  # object-store arrays are read-only; the view is only ever read
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(array), self._handle(w, key).manifest
 
-    def _stream(self, w: _Worker, key: ExpertKey, out: torch.Tensor, timeout: float) -> ExpertManifest:
+    def _stream(self, w: Replica, key: ExpertKey, out: torch.Tensor, timeout: float) -> ExpertManifest:
         """FetchExpert into ``out``: chunks land at their offsets; the whole must be exactly the manifest's."""
         call = w.stub.FetchExpert(wire.fetch_request(key, self.chunk_bytes), timeout=timeout, metadata=self._metadata)
         dst = out.numpy()

@@ -2,6 +2,8 @@
 
 It binds before the store is loaded: health says NOT_SERVING and expert RPCs answer UNAVAILABLE until
 ``set_serving(True)``. Used by the plain-process CLI (``python -m expert_workers serve``) and the Ray actor.
+The bind follows ``expert_workers.security``: loopback unless told otherwise, a shared token required beyond it
+(every call must carry it), optional TLS.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import logging
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expert_workers import wire
+from expert_workers.security import SecurityConfig, server_interceptors
 from expert_workers.service import ErrorMapping, ExpertServicer, FaultInjection, FaultInjectionInterceptor
 from expert_workers.store import ExpertStore
 
@@ -35,10 +39,23 @@ class ServerConfig:
     """gRPC send/receive message size limit."""
     grace_s: float = 5.0
     """On stop, in-flight RPCs get this long to finish."""
+    auth_token: str | None = None
+    """Shared secret every call must carry (``authorization: Bearer ...``); required for a non-loopback host."""
+    tls_cert: str | None = None
+    """Server certificate chain (PEM file); with ``tls_key`` turns TLS on. Paths, so the config pickles (Ray)."""
+    tls_key: str | None = None
+    """Server private key (PEM file)."""
     credentials: grpc.ServerCredentials | None = None
-    """TLS credentials (``grpc.ssl_server_credentials``); None serves plaintext."""
+    """Prebuilt TLS credentials (``grpc.ssl_server_credentials``), instead of ``tls_cert``/``tls_key``."""
     interceptors: Sequence[grpc.ServerInterceptor] = ()
-    """Extra interceptors that run first (outermost), e.g. an auth-token check."""
+    """Extra interceptors that run first (outermost)."""
+
+    @property
+    def security(self) -> SecurityConfig:
+        """The bind/auth/TLS policy of this config (``validate()`` refuses a non-loopback host without a token)."""
+        return SecurityConfig(host=self.host, token=self.auth_token,
+                              tls_cert=Path(self.tls_cert) if self.tls_cert else None,
+                              tls_key=Path(self.tls_key) if self.tls_key else None)
     fault: FaultInjection = field(default_factory=FaultInjection)
     """Test-only fault injection; off by default."""
 
@@ -51,10 +68,12 @@ class WorkerServer:
     """gRPC server for one ExpertStore: ``start()`` binds at once; ``set_serving(True)`` once loaded."""
 
     def __init__(self, store: ExpertStore, config: ServerConfig = ServerConfig()) -> None:
+        """Raises ValueError for a bind the security policy refuses (before anything is bound)."""
+        config.security.validate()
         self.store = store
         self.config = config
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        interceptors = [*config.interceptors]
+        interceptors = [*server_interceptors(config.security), *config.interceptors]
         if config.fault.enabled:
             log.warning("fault injection is ON: %s", config.fault)
             interceptors.append(FaultInjectionInterceptor(config.fault))
@@ -77,8 +96,14 @@ class WorkerServer:
         """Binds and starts answering (NOT_SERVING until ``set_serving``); returns the address."""
         self.set_serving(False)
         bind = _bind_address(self.config.host, self.config.port)
-        if self.config.credentials is not None:
-            self.port = self._server.add_secure_port(bind, self.config.credentials)
+        credentials = self.config.credentials
+        security = self.config.security
+        if credentials is None and security.tls:
+            assert security.tls_cert is not None and security.tls_key is not None
+            credentials = grpc.ssl_server_credentials([(security.tls_key.read_bytes(),
+                                                        security.tls_cert.read_bytes())])
+        if credentials is not None:
+            self.port = self._server.add_secure_port(bind, credentials)
         else:
             self.port = self._server.add_insecure_port(bind)
         if not self.port:

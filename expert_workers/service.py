@@ -156,9 +156,11 @@ class FaultInjection:
     """Faults a worker injects into its own answers, for failover tests. Off by default; never in production."""
 
     delay_ms: int = 0
-    """Sleep this long before answering each call of ``methods``."""
+    """Wait this long before answering each call of ``methods`` (less if the caller gives up first)."""
     corrupt_every: int = 0
     """Flip one byte of the payload of every N-th FetchExpert stream (0 = never): the client must catch it."""
+    truncate_every: int = 0
+    """End every N-th FetchExpert stream early, after half of its first chunk (0 = never)."""
     methods: tuple[str, ...] = ("FetchExpert", "GetExpertHandle")
     """Short names of the RPCs the delay applies to."""
     hold_load_while: str = ""
@@ -166,12 +168,22 @@ class FaultInjection:
 
     @property
     def enabled(self) -> bool:
-        return self.delay_ms > 0 or self.corrupt_every > 0 or bool(self.hold_load_while)
+        return self.delay_ms > 0 or self.corrupt_every > 0 or self.truncate_every > 0 or bool(self.hold_load_while)
 
     def wait_before_load(self, stop: threading.Event) -> None:
         """Blocks while ``hold_load_while`` exists (or until ``stop`` is set)."""
         while self.hold_load_while and os.path.exists(self.hold_load_while) and not stop.wait(0.05):
             pass
+
+
+def _delay(context: grpc.ServicerContext, seconds: float) -> None:
+    """Sleeps up to ``seconds``, less when the call ends first (deadline, cancel): an injected delay must not pile
+    up handler threads behind callers that have long gone."""
+    if seconds <= 0:
+        return
+    ended = threading.Event()
+    if context.add_callback(ended.set):  # False: the call has ended already
+        ended.wait(seconds)
 
 
 class FaultInjectionInterceptor(grpc.ServerInterceptor):
@@ -182,12 +194,14 @@ class FaultInjectionInterceptor(grpc.ServerInterceptor):
         self._fetches = 0
         self._lock = threading.Lock()
 
-    def _corrupt_this_one(self) -> bool:
-        if not self.fault.corrupt_every:
-            return False
+    def _faults_for_next_fetch(self) -> tuple[bool, bool]:
+        """(corrupt, truncate) for the next FetchExpert stream."""
         with self._lock:
             self._fetches += 1
-            return self._fetches % self.fault.corrupt_every == 0
+            n = self._fetches
+        f = self.fault
+        return (bool(f.corrupt_every) and n % f.corrupt_every == 0,
+                bool(f.truncate_every) and n % f.truncate_every == 0)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -195,24 +209,27 @@ class FaultInjectionInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         delay = self.fault.delay_ms / 1000 if name in self.fault.methods else 0.0
-        corrupt = name == "FetchExpert"
+        is_fetch = name == "FetchExpert"
 
         def wrap_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
-                time.sleep(delay)
+                _delay(context, delay)
                 return fn(request, context)
             return call
 
         def wrap_stream(fn: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                time.sleep(delay)
-                flip = corrupt and self._corrupt_this_one()
+                _delay(context, delay)
+                flip, cut = self._faults_for_next_fetch() if is_fetch else (False, False)
                 for i, msg in enumerate(fn(request, context)):
-                    if flip and i == 0 and msg.data:
+                    if (flip or cut) and i == 0 and msg.data:
                         data = bytearray(msg.data)
-                        data[len(data) // 2] ^= 0xFF
-                        msg.data = bytes(data)
+                        if flip:
+                            data[len(data) // 2] ^= 0xFF
+                        msg.data = bytes(data[:len(data) // 2] if cut else data)
                     yield msg
+                    if cut:
+                        return  # the stream ends "cleanly", short of the manifest's size
             return call
 
         return _wrap_handler(handler, wrap_unary, wrap_stream)

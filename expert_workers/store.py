@@ -281,7 +281,13 @@ class ExpertStore:
         if free is not None and free < size:
             raise MemoryError(f"/dev/shm has {free / 1e9:.2f} GB free, shard {self.shard} needs {size / 1e9:.2f} GB; "
                               "enlarge it (e.g. docker --shm-size) or use more shards")
-        base = f"moe-{self.fingerprint[:8]}-s{self.shard.index}of{self.shard.count}-{self._pid}"
+        prefix = f"moe-{self.fingerprint[:8]}-s{self.shard.index}of{self.shard.count}-"
+        removed = unlink_orphan_segments(prefix, self._pid)
+        if removed:
+            log.warning("shard %s: removed %d shared-memory segment(s) of dead workers (%s*)", self.shard,
+                        removed, prefix)
+            self.count("orphan_segments_removed", removed)
+        base = f"{prefix}{self._pid}"
         for attempt in range(100):  # a second store of the same shard in one process gets a suffix
             name = base if attempt == 0 else f"{base}-{attempt}"
             try:
@@ -413,6 +419,37 @@ def release_shm(shm: shared_memory.SharedMemory) -> None:
     except BufferError:
         shm._mmap = None  # type: ignore[attr-defined]  # CPython detail: the views keep the mmap alive
         shm.close()
+
+
+def unlink_orphan_segments(prefix: str, own_pid: int, root: Path = Path("/dev/shm")) -> int:
+    """Unlinks the segments ``<prefix><pid>[-k]`` whose process no longer exists and returns how many: a worker
+    killed with SIGKILL never unlinks its segment, so its memory would stay allocated until reboot. Readers that
+    still map one keep their mapping (unlink only removes the name). Assumes the writers share our pid namespace."""
+    removed = 0
+    try:
+        candidates = list(root.glob(f"{prefix}*"))
+    except OSError:
+        return 0
+    for path in candidates:
+        pid = path.name[len(prefix):].split("-")[0]
+        if not pid.isdigit() or int(pid) == own_pid or _alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _default_cache_root() -> Path:
