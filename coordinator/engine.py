@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,15 @@ class Coordinator:
                                    zero_copy=config.zero_copy)
         self.runner = ExpertRunner(self.model, self.cache, self.transfers, manifests, config.prefetch)
         self.tokenizer = load_tokenizer(self.ckpt)
+        self._max_token_chars: int | None = None  # longest vocabulary entry, computed on first use
+        self._live_kv: weakref.WeakSet[DynamicCache] = weakref.WeakSet()  # KV caches still referenced
         self.eos = eos_ids(self.ckpt, mc)
         self.vocab_size = mc.vocab_size
         self.shell_bytes = non_expert_bytes(self.model)
         self._cache_kw = cache_kwarg()
         self._lock = threading.Lock()
         self._totals: dict[str, float] = {"requests": 0, "requests_failed": 0, "requests_cancelled": 0,
+                                          "cancelled_generated_tokens": 0,
                                           "prompt_tokens": 0, "generated_tokens": 0, "ttft_ms_sum": 0.0,
                                           "decode_tokens": 0, "decode_seconds": 0.0, "gpu_peak_bytes": 0}
         log.info("coordinator ready: %d slots/layer x %d layers of %d bytes, %d spares, device %s",
@@ -146,11 +150,26 @@ class Coordinator:
         elif params.prompt:
             if self.tokenizer is None:
                 raise InvalidRequest("this model has no tokenizer: send prompt_token_ids instead of text")
+            self._check_prompt_chars(params)
             ids = list(self.tokenizer(params.prompt)["input_ids"])
         else:
             ids = []
         validate(params, ids, self.vocab_size, self.max_positions)
         return ids
+
+    def _check_prompt_chars(self, params: GenerateParams) -> None:
+        """Refuses, before tokenizing, a text that cannot fit: no token spans more characters than the longest
+        vocabulary entry, so a longer text has too many tokens (tokenizing 16 MB would block for a minute)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        room = self.max_positions - max(params.max_new_tokens, 1)
+        if room <= 0:
+            raise InvalidRequest(f"max_new_tokens ({params.max_new_tokens}) leaves no room for a prompt in the "
+                                 f"model's {self.max_positions} positions")
+        if len(params.prompt) > room * self._max_token_chars:
+            raise InvalidRequest(f"prompt of {len(params.prompt)} characters has more than {room} tokens: prompt + "
+                                 f"max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+                                 f"{self.max_positions} positions")
 
     def generate(self, params: GenerateParams) -> list[TokenEvent]:
         """Runs a request to completion on this thread (tests, benchmarks); the server uses the scheduler."""
@@ -186,6 +205,7 @@ class Coordinator:
                         logits = self.step([token], kv)
         except RequestCancelled:
             self._count("requests_cancelled")
+            self._count("cancelled_generated_tokens", len(generated))
             raise
         except BaseException:
             self._count("requests_failed")
@@ -195,9 +215,11 @@ class Coordinator:
 
     def new_kv_cache(self) -> DynamicCache:
         try:
-            return DynamicCache(config=self.model.config)
+            kv = DynamicCache(config=self.model.config)
         except TypeError:  # older signature
-            return DynamicCache()
+            kv = DynamicCache()
+        self._live_kv.add(kv)  # stats "kv_caches_live": a finished or cancelled request's cache must be gone
+        return kv
 
     def step(self, ids: Sequence[int], kv: DynamicCache) -> torch.Tensor:
         """One forward pass over ``ids`` appended to the KV cache; the last position's logits [V] (float32)."""
@@ -255,8 +277,12 @@ class Coordinator:
                "decode_tokens_per_s": t["decode_tokens"] / t["decode_seconds"] if t["decode_seconds"] else 0.0,
                **counters, "remote_compute_calls": 0, "gpu_peak_bytes": t["gpu_peak_bytes"],
                "requests": done, "requests_failed": t["requests_failed"],
-               "requests_cancelled": t["requests_cancelled"], "slots_per_layer": self.slots_per_layer,
-               "cache_bytes": self.cache.nbytes, "non_expert_bytes": self.shell_bytes}
+               "requests_cancelled": t["requests_cancelled"],
+               "cancelled_generated_tokens": t["cancelled_generated_tokens"], "kv_caches_live": len(self._live_kv),
+               "slots_per_layer": self.slots_per_layer, "cache_bytes": self.cache.nbytes,
+               "non_expert_bytes": self.shell_bytes}
+        # the expert source's own counters (failovers, checksum_failures, deadline_exceeded, ...), prefixed
+        out |= {f"source_{k}": float(v) for k, v in self.source.stats().items()}
         return out | self._ratios(out, counters)
 
     def close(self) -> None:

@@ -92,7 +92,9 @@ class Sampler:
         """logits: [V] float32 -> a token id."""
         if self.temperature == 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        # float64, shifted first: a tiny temperature (1e-320, 0 in float32) would make logits / T inf - inf = nan
+        logits = logits.double().cpu()
+        probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
         if self.top_p < 1:
             sorted_p, order = torch.sort(probs, descending=True)
             cum = torch.cumsum(sorted_p, dim=-1)

@@ -43,14 +43,21 @@ class RequestHandle:
         self.arrived = time.monotonic()
         self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self.emitted = 0
+        """Events emitted so far (tokens, then the final record)."""
+        self.emitted_at_cancel: int | None = None
+        """``emitted`` when ``cancel`` was first called: the decode must stop within one more step."""
 
     def cancel(self) -> None:
+        if self.emitted_at_cancel is None:
+            self.emitted_at_cancel = self.emitted
         self._cancelled.set()
 
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
     def emit(self, event: TokenEvent) -> None:
+        self.emitted += 1
         self._events.put(event)
 
     def fail(self, error: BaseException) -> None:
@@ -78,6 +85,8 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self.rejected = 0
+        self.steps_after_cancel_max = 0
+        """Most tokens a cancelled request decoded after its cancel arrived (the engine checks every step: <= 1)."""
         self._thread = threading.Thread(target=self._loop, name="coordinator-engine", daemon=True)
         self._thread.start()
 
@@ -117,9 +126,14 @@ class Scheduler:
             try:
                 self.engine.run(handle.params, handle.prompt_ids, handle.emit, handle.cancelled, handle.arrived)
             except BaseException as e:  # noqa: BLE001 - reported to the client; the server keeps serving
-                if not isinstance(e, RequestCancelled):
+                if isinstance(e, RequestCancelled) and handle.emitted_at_cancel is not None:
+                    overrun = handle.emitted - handle.emitted_at_cancel
+                    self.steps_after_cancel_max = max(self.steps_after_cancel_max, overrun)
+                else:
                     log.warning("request failed: %s: %s", type(e).__name__, e)
-                handle.fail(e)
+                # Without the engine's frames: they hold the request's KV cache, which must go now, not when
+                # the client's thread drops the error (or the cycle collector runs).
+                handle.fail(e.with_traceback(None))
             else:
                 handle.finish()
             finally:

@@ -27,5 +27,7 @@ class CoordinatorServicer:
             yield wire.event_to_pb(event)
 
     def GetStats(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC name)
-        extra = {"queue_depth": self.scheduler.depth(), "requests_rejected": self.scheduler.rejected}
+        extra = {"queue_depth": self.scheduler.depth(), "requests_rejected": self.scheduler.rejected,
+                 "max_queue": self.scheduler.max_queue,
+                 "decode_steps_after_cancel_max": self.scheduler.steps_after_cancel_max}
         return wire.stats_to_pb(self.engine.stats() | extra)
