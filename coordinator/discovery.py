@@ -29,8 +29,10 @@ def ray_workers(address: str, deadline: float, prefix: str = WORKER_ACTOR_PREFIX
                  if a["name"].startswith(prefix) and namespace in (None, a["namespace"])]
         if named:
             handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named]
-            ray.get([h.ready.remote(max(1.0, deadline - time.monotonic())) for h in handles])
-            return dict(zip(ray.get([h.address.remote() for h in handles]), handles))
+            left = max(1.0, deadline - time.monotonic())
+            # a deadline on the Ray calls too: an actor Ray cannot place (no expert_host left) never answers
+            ray.get([h.ready.remote(left) for h in handles], timeout=left + 10)
+            return dict(zip(ray.get([h.address.remote() for h in handles], timeout=30), handles))
         if time.monotonic() > deadline:
             raise TimeoutError(f"no expert worker actors named {prefix}* in the Ray cluster at {address}")
         time.sleep(1.0)
