@@ -81,6 +81,8 @@ class Coordinator:
         self.source = source
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} requested but CUDA is not available (use --device cpu)")
         self.model = build_shell(self.ckpt, ShellSpec(config.device, config.attn_bits, config.attn_group_size))
         mc = self.model.config
         self.layout = source.layout()

@@ -57,11 +57,15 @@ def quantize_attention_like_coordinator(model: MixtralForCausalLM, bits: int, gr
 
 
 def reference_model(ckpt: Path, source: ExpertSource | None = None, attn_bits: int = 16,
-                    device: str = "cpu", attn_group_size: int = 64) -> MixtralForCausalLM:
-    """transformers' Mixtral on the coordinator's weights (``source`` None: the checkpoint's experts)."""
+                    device: str = "cpu", attn_group_size: int = 64,
+                    experts_implementation: str | None = None) -> MixtralForCausalLM:
+    """transformers' Mixtral on the coordinator's weights (``source`` None: the checkpoint's experts).
+    ``experts_implementation`` None keeps transformers' default (grouped_mm where it applies)."""
     dev = torch.device(device)
     dtype = compute_dtype(MixtralConfig.from_pretrained(ckpt), dev)
     model = MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype).to(dev)
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
     if source is not None:
         load_experts_from(model, source)
     quantize_attention_like_coordinator(model, attn_bits, attn_group_size)

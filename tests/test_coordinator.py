@@ -12,10 +12,13 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import protos
 from conftest import ServerProcess, spawn_workers, start_server
+from coordinator import Coordinator, CoordinatorConfig, GenerateParams
+from coordinator.discovery import connect
 from coordinator.reference import greedy, reference_model
 
 pb = protos.load("coordinator_pb2")
@@ -24,6 +27,14 @@ INTERFACE_KEYS = {"prompt_tokens", "generated_tokens", "ttft_ms", "decode_tokens
                   "cache_hits", "cache_misses", "prefetch_issued", "prefetch_used", "bytes_fetched",
                   "remote_compute_calls", "gpu_peak_bytes"}
 PROMPTS = [[5, 9, 33, 70, 100], [200, 3, 4], list(range(10, 40)), [42]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +93,27 @@ def test_greedy_over_grpc_equals_transformers(tiny_ckpt: Path, stub: Any) -> Non
         assert s["expert_uses"] == s["cache_hits"] + s["cache_misses"] and s["cache_misses"] > 0
         assert 0 <= s["prefetch_used"] <= s["prefetch_issued"] and s["bytes_fetched"] > 0
         assert s["ttft_ms"] > 0 and s["remote_compute_calls"] == 0
+
+
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy"), [(8, 0, False), (1, 0, True), (2, 2, False)])
+def test_remote_source_paths_exact(tiny_ckpt: Path, workers: list[ServerProcess], k: int, prefetch: int,
+                                   zero_copy: bool) -> None:
+    """The same two worker processes read through gRPC streaming (staging, fetch threads) or their shared
+    memory (zero-copy views), with an engine in this process."""
+    source = connect([w.address for w in workers], None, 60, prefer_zero_copy=zero_copy)
+    engine = Coordinator(tiny_ckpt, source, CoordinatorConfig(attn_bits=16, experts_per_layer=k,
+                                                                prefetch=prefetch, zero_copy=zero_copy))
+    reference = reference_model(tiny_ckpt)
+    try:
+        for prompt in PROMPTS[:3]:
+            events = engine.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=12))
+            assert [e.token_id for e in events[:-1]] == greedy(reference, prompt, 12), prompt
+        counters = source.stats()
+        assert (counters["zero_copy_reads"] > 0) == zero_copy
+        assert (counters["grpc_fetches"] > 0) == (not zero_copy)
+    finally:
+        engine.close()
+        source.close()
 
 
 def test_text_prompt_streams_incremental_text(tiny_ckpt: Path, stub: Any) -> None:

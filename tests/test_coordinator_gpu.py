@@ -34,7 +34,7 @@ def test_cuda_exact_with_streams(tiny_ckpt: Path, source: ExpertSource, k: int, 
                                  zero_copy: bool) -> None:
     engine = Coordinator(tiny_ckpt, source, CoordinatorConfig(device="cuda", attn_bits=16, experts_per_layer=k,
                                                                 prefetch=prefetch, zero_copy=zero_copy))
-    reference = reference_model(tiny_ckpt, device="cuda")
+    reference = reference_model(tiny_ckpt, device="cuda", experts_implementation="eager")
     try:
         assert engine.cache.arena.is_cuda
         assert engine.transfers._stream is not None
