@@ -58,6 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--max-queue", type=int, default=16, help="waiting requests before RESOURCE_EXHAUSTED")
+    serve.add_argument("--reuse-port", action="store_true",
+                       help="SO_REUSEPORT: a replacement coordinator may bind the port before this one stops")
     serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM); with --tls-key turns TLS on")
     serve.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     serve.add_argument("--log-level", default="INFO")
@@ -110,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
     ckpt = resolve_model(args.model)
     source = open_source(args)
     engine = Coordinator(ckpt, source, engine_config(args))  # type: ignore[arg-type]
-    running = serve(engine, args.host, args.port, args.max_queue, security)
+    running = serve(engine, args.host, args.port, args.max_queue, security, reuse_port=args.reuse_port)
     stop = threading.Event()
     _on_signals(lambda: stop.set())
     print(f"coordinator serving on {running.address}", flush=True)

@@ -34,16 +34,19 @@ class RunningServer:
 
 
 def serve(engine: Coordinator, host: str = "127.0.0.1", port: int = 0, max_queue: int = 16,
-          security: SecurityConfig | None = None) -> RunningServer:
+          security: SecurityConfig | None = None, reuse_port: bool = False) -> RunningServer:
     """Binds ``host:port`` (policy of ``expert_workers.security``: loopback unless a token is set) and
-    starts serving ``engine`` (already loaded)."""
+    starts serving ``engine`` (already loaded). ``reuse_port`` lets a replacement coordinator bind the
+    same port before this one stops (SO_REUSEPORT); off by default so a second server never shares a
+    port by accident."""
     security = security or SecurityConfig(host=host)
     security.validate()
     scheduler = Scheduler(engine, max_queue)
     # Every streaming Generate holds a thread: room for the running + queued ones, plus stats/health calls.
     pool = cf.ThreadPoolExecutor(max_workers=max_queue + 8, thread_name_prefix="grpc")
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.so_reuseport", int(reuse_port))]
     interceptors = [*server_interceptors(security), wire.StatusInterceptor()]
     server = grpc.server(pool, interceptors=interceptors, options=options)
     wire.add_servicer(CoordinatorServicer(engine, scheduler), server)
