@@ -81,7 +81,8 @@ class LRU(_Counters):
 
     def __init__(self, bank: ExpertBank, device: str, k: int, layers: int, experts: int) -> None:
         super().__init__()
-        assert bank.host.is_pinned() or not torch.cuda.is_available(), "LRU offload reads pinned memory"
+        assert bank.host.numel() == 0 or bank.host.is_pinned() or not torch.cuda.is_available(), \
+            "LRU offload reads pinned memory"
         self.bank, self.k, self.E = bank, k, experts
         self.slab = torch.empty((layers * k, bank.slot_bytes), dtype=torch.uint8, device=device)
         # per layer: expert -> slot, least recently used first; slots start empty
@@ -168,3 +169,40 @@ class Prefetch(LRU):
         """Counts how many routed experts of ``layer`` were among the guesses made one layer earlier."""
         self.guess_total += len(ids)
         self.guess_right += len(set(ids) & set(guess))
+
+
+class WorkerShm(Prefetch):
+    """The Prefetch data path fed from the real expert-worker processes: every expert is a zero-copy view of
+    a worker's POSIX shared memory (``RemoteSource.host_view``), each segment cudaHostRegister'ed once, so
+    copies run at pinned speed straight out of the other process's memory."""
+
+    name = "d_inloop_workers_shm"
+
+    def __init__(self, source: object, bank: ExpertBank, device: str, k: int, layers: int, experts: int,
+                 guesses: int = 2) -> None:
+        super().__init__(bank, device, k, layers, experts, guesses)
+        from expert_workers.format import ExpertKey
+
+        self.views = [source.host_view(ExpertKey(*divmod(i, experts))) for i in range(layers * experts)]  # type: ignore[attr-defined]
+        if any(v is None for v in self.views):
+            raise RuntimeError("a worker is not co-located: no shared-memory view")
+        from coordinator.transfer import _clear_cuda_error
+
+        cudart = torch.cuda.cudart()
+        seen: set[int] = set()
+        for v in self.views:
+            st = v.untyped_storage()
+            if st.data_ptr() not in seen and not v.is_pinned():
+                seen.add(st.data_ptr())
+                if int(cudart.cudaHostRegister(st.data_ptr(), st.nbytes(), 1)) != 0:
+                    _clear_cuda_error()
+        self.unpinned_views = sum(not v.is_pinned() for v in self.views)
+
+    def _fill(self, layer: int, e: int, slot: int) -> None:
+        n = self.bank.expert_bytes
+        with torch.cuda.stream(self.copy_stream):
+            self.slab[slot, :n].copy_(self.views[layer * self.E + e][:n], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.copy_stream)
+        self.ready[slot] = ev
+        self.bytes += n

@@ -136,8 +136,8 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
 
     # ---- launch-shape sweep (graphed, 2 experts): gate-up first, then down
     C = gk.GemvConfig
-    gu_cands = [C(16, 2, 1, 4, 3), C(8, 4, 1, 4, 3), C(32, 1, 1, 4, 3), C(16, 4, 1, 8, 3), C(8, 2, 1, 2, 4), C(4, 4, 1, 2, 4)]
-    dn_cands = [C(8, 4, 1, 4, 3), C(4, 4, 1, 4, 3), C(16, 2, 1, 4, 3), C(8, 4, 2, 4, 3), C(16, 4, 4, 4, 3), C(4, 8, 1, 2, 4)]
+    gu_cands = [C(8, 2, 1, 4, 4), C(4, 2, 1, 4, 3), C(2, 4, 1, 4, 3), C(8, 2, 1, 4, 3)]
+    dn_cands = [C(8, 2, 4, 4, 4), C(2, 4, 2, 4, 3), C(4, 2, 4, 4, 4), C(8, 2, 8, 4, 4)]
     sweep: dict[str, float] = {}
     best_gu, best_t = gk.GATE_UP, float("inf")
     for c in gu_cands:

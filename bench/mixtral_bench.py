@@ -7,8 +7,8 @@ mixtral-offloading style · (p) in-process LRU + pinned + side-stream speculativ
 our data path) · (d)/(e) ours through real expert-worker processes: bench/system_bench.py.
 Every variant runs the same prompt through the same kernels (coordinator.gpu_kernels) and the same
 CUDA-graphed decode segments (bench/model.py); only where experts live and how they move differs.
-Random routers route near-uniformly, so an LRU of k experts per layer hits ≈ k/8: real Mixtral routing is
-more skewed and would hit more.
+Inputs are teacher-forced from a random token stream (a random model's greedy output loops on one token);
+the measured hit rates, not k/8, are what the transfer floor uses.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from bench import report
-from bench.backends import LRU, Naive, Prefetch, Resident
+from bench.backends import LRU, Naive, Prefetch, Resident, WorkerShm
 from bench.model import DecodeModel
 from bench.synth import MIXTRAL_8X7B, SMALL, TINY, ExpertBank, ModelShape, build_bank, build_dense, expert_templates
 from coordinator import gpu_kernels as gk
@@ -93,7 +93,7 @@ def self_check(tpl2: list[Any], tpl3: list[Any] | None, dev: str) -> None:
     """Fail fast (seconds into the call) if a kernel disagrees with hqq at full size."""
     from bench.kernel_bench import reference, rel
 
-    for tpl in (tpl2, tpl3 or []):
+    for tpl in [t for t in (tpl2, tpl3) if t]:
         buf, man = torch.from_numpy(tpl[0][0]).to(dev), tpl[0][1]
         x = torch.randn(1, man.matrices["w1"].shape[1], device=dev, dtype=torch.bfloat16)
         err = rel(gk.expert_ffn(x, buf, man), reference(x, buf, man))
@@ -163,21 +163,21 @@ def k_for_cap(cap_gb: float, base_bytes: int, ctx_bytes: int, reserve_bytes: int
 
 
 def bench_bits(r: Runner, shape: ModelShape, bits: int, caps: list[float], tpl: list[Any], base_bytes: int,
-               bw: dict[str, float], naive_tokens: int) -> None:
+               bw: dict[str, float], naive_tokens: int, variants: set[str]) -> None:
     a, dev, L, E = r.a, r.a.device, shape.layers, shape.experts
     r.m.layout = gk.layout_of(tpl[0][1])
+    graphs = r.m.layout.fused    # the 3-bit fallback syncs on slots (dequantize per slot): eager only
     pinned = build_bank(shape, tpl, pinned=r.cuda)
     log(f"{bits}-bit bank: {L * E} experts × {pinned.expert_bytes / 1e6:.1f} MB (slot {pinned.slot_bytes})")
-    variants = set(a.variants.split(","))
     if "a" in variants:
         if r.cuda and a.eager_a:
             r.run("a_resident_eager", lambda: Resident(pinned, dev), bits, None, E, a.new_tokens, graphs=False)
-        r.run("a_resident", lambda: Resident(pinned, dev), bits, None, E, a.new_tokens, graphs=True)
+        r.run("a_resident", lambda: Resident(pinned, dev), bits, None, E, a.new_tokens, graphs=graphs)
     if "b" in variants:
         pageable = build_bank(shape, tpl, pinned=False)
         est = (a.prompt_len + a.warmup + naive_tokens) * L * 2 * pinned.expert_bytes / (bw.get("h2d_pageable_GBps", 5) * 1e9)
         r.run("b_naive_pageable", lambda: Naive(pageable, dev, shape.top_k, E), bits, None, 0, naive_tokens,
-              graphs=True, est_s=est)
+              graphs=graphs, est_s=est)
         del pageable
         gc.collect()
     for cap in caps:
@@ -187,12 +187,39 @@ def bench_bits(r: Runner, shape: ModelShape, bits: int, caps: list[float], tpl: 
             r.rows.append({"variant": "c/p", "bits": bits, "cap_gb": cap, "skipped": f"k={k} < top_k"})
             continue
         if "c" in variants:
-            r.run("c_lru_pinned", lambda: LRU(pinned, dev, k, L, E), bits, cap, k, a.new_tokens, graphs=True)
+            r.run("c_lru_pinned", lambda: LRU(pinned, dev, k, L, E), bits, cap, k, a.new_tokens, graphs=graphs)
         if "p" in variants and r.cuda:
             r.run("p_lru_prefetch_inproc", lambda: Prefetch(pinned, dev, k, L, E, guesses=a.guesses), bits, cap, k,
-                  a.new_tokens, graphs=True)
+                  a.new_tokens, graphs=graphs)
     del pinned
     gc.collect()
+
+
+def inloop_workers(r: Runner, shape: ModelShape, caps: list[float], tpl: list[Any], base_bytes: int,
+                   addrs: str) -> None:
+    """Our data path in the benchmark's own decode loop, fed by the real worker processes' shared memory."""
+    from expert_workers.fetch import RemoteSource
+
+    a, L, E = r.a, shape.layers, shape.experts
+    if not r.cuda:
+        return
+    r.m.layout = gk.layout_of(tpl[0][1])
+    slot = (tpl[0][1].nbytes + 4095) // 4096 * 4096
+    bank = ExpertBank(host=torch.empty((0, slot), dtype=torch.uint8, pin_memory=True), manifests=[tpl[0][1]],
+                      spec=INT2)
+    src = RemoteSource(addrs.split(","))
+    try:
+        for cap in caps:
+            k = k_for_cap(cap, base_bytes, r.ctx, int(a.reserve_gb * 1e9), bank, shape)
+            for g, label in ((a.guesses, "d_inloop_workers_shm"), (0, "d_inloop_workers_shm_noprefetch")):
+                r.run(label, lambda: WorkerShm(src, bank, a.device, k, L, E, guesses=g), 2, cap, k, a.new_tokens,
+                      graphs=True)
+    except Exception as e:  # noqa: BLE001 - keep the coordinator runs
+        import traceback
+        traceback.print_exc()
+        r.rows.append({"variant": "d_inloop_workers_shm", "bits": 2, "cap_gb": None, "skipped": f"error: {e}"[:300]})
+    finally:
+        src.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,11 +236,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive3-tokens", type=int, default=32)
     ap.add_argument("--guesses", type=int, default=2, help="next-layer experts prefetched per layer")
     ap.add_argument("--templates", type=int, default=4)
-    ap.add_argument("--reserve-gb", type=float, default=0.4, help="activations, graph pools, allocator slack")
+    ap.add_argument("--reserve-gb", type=float, default=0.6, help="activations, graph pools, allocator slack")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--shm-probe", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--eager-a", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--system", action=argparse.BooleanOptionalAction, default=True,
+                    help="(d)/(e): real worker processes + coordinator process (bench/system_bench.py)")
+    ap.add_argument("--workers", type=int, default=2, help="expert worker processes for (d)/(e)")
+    ap.add_argument("--grpc-tokens", type=int, default=24, help="tokens for (e) (each miss ~0.1 s over gRPC)")
+    ap.add_argument("--sys-prefetch", type=int, default=2)
+    ap.add_argument("--plain-coordinator", action=argparse.BooleanOptionalAction, default=False,
+                    help="also run the coordinator without our kernels (hqq PyTorch dequantize)")
+    ap.add_argument("--bits2", action=argparse.BooleanOptionalAction, default=True,
+                    help="2-bit variants in the bench loop (a, b, c, p)")
+    ap.add_argument("--system-runs", choices=("all", "inloop"), default="all",
+                    help="inloop: only our loop fed by the worker processes (no coordinator processes)")
+    ap.add_argument("--system3", action=argparse.BooleanOptionalAction, default=False,
+                    help="also run (d)/(e) with 3-bit workers")
+    ap.add_argument("--profile-coordinator", action=argparse.BooleanOptionalAction, default=False,
+                    help="cProfile the coordinator's decode step in-process (diagnosis)")
+    ap.add_argument("--work", default="/tmp/moe-bench", help="scratch dir: checkpoint, worker caches, logs")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     a = ap.parse_args(argv)
@@ -266,11 +309,29 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(model, a, prompt, ctx)
     results["runs"] = runner.rows
     bw = results.get("bandwidth", {})
+    variants = set(a.variants.split(","))
+    caps2 = [float(c) for c in a.caps.split(",") if c]
     try:
-        bench_bits(runner, shape, 2, [float(c) for c in a.caps.split(",") if c], tpl2, base, bw, a.naive_tokens)
-        save()
+        if a.bits2:
+            bench_bits(runner, shape, 2, caps2, tpl2, base, bw, a.naive_tokens, variants - {"b"})
+            save()
+        if a.system and caps2:
+            from bench import system_bench
+            gc.collect()
+            system_bench.run(shape, tpl2, caps2, prompt, a, ctx, log, runner.over_budget, runner.rows, Path(a.work),
+                             inloop=lambda addrs: inloop_workers(runner, shape, caps2, tpl2, base, addrs))
+            save()
+        if "b" in variants and a.bits2:
+            bench_bits(runner, shape, 2, [], tpl2, base, bw, a.naive_tokens, {"b"})
+            save()
         if tpl3:
-            bench_bits(runner, shape, 3, caps3, tpl3, base, bw, a.naive3_tokens)
+            bench_bits(runner, shape, 3, caps3, tpl3, base, bw, a.naive3_tokens, variants)
+            save()
+            if a.system and a.system3:
+                from bench import system_bench
+                gc.collect()
+                system_bench.run(shape, tpl3, caps3, prompt, a, ctx, log, runner.over_budget, runner.rows,
+                                 Path(a.work) / "bits3")
     finally:
         report.finish(results)
         save()

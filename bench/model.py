@@ -80,6 +80,10 @@ class DecodeModel:
         self.route_host = torch.zeros((L, k + 8), dtype=torch.int32, pin_memory=device.startswith("cuda"))
         self.slots_host = torch.zeros((L, k), dtype=torch.int32, pin_memory=device.startswith("cuda"))
         self.out_tokens = torch.zeros(4096, dtype=torch.long, device=device)
+        # Teacher forcing: the next input is drawn from a fixed random stream, not the argmax. A random model's
+        # greedy output loops on one token, which would make routing (and the cache hit rate) meaningless.
+        gen = torch.Generator().manual_seed(4321)
+        self.forced = torch.randint(0, shape.vocab, (4096,), generator=gen).to(device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.backend: ExpertBackend | None = None
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
@@ -130,8 +134,8 @@ class DecodeModel:
             self._route(l, self.ffn_in[l], self.backend.speculate)
         else:
             logits = rms_norm(self.x, self.w.final_norm) @ self.w.lm_head.T
-            self.tok.copy_(torch.argmax(logits, dim=-1))
-            self.out_tokens.index_copy_(0, self.step, self.tok)
+            self.out_tokens.index_copy_(0, self.step, torch.argmax(logits, dim=-1))
+            self.tok.copy_(self.forced.index_select(0, self.step))
             self.step.add_(1)
             self.pos.add_(1)
 

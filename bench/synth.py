@@ -4,7 +4,7 @@ A few random expert "templates" are quantized once with hqq on the GPU (``format
 tensors) and every one of the 256 experts is a byte copy of one of them in its own memory (pageable, pinned
 or device), so every transfer and every kernel reads distinct memory, as with a real checkpoint. Attention
 projections are 4-bit hqq (g64), quantized once and copied per layer; embeddings, lm_head, norms and routers
-are random bf16. Random routers route near-uniformly: an LRU of k experts per layer hits ≈ k/8.
+are random bf16. Measured routing is skewed (hit rates above k/8): see bench/NOTES.md.
 """
 
 from __future__ import annotations

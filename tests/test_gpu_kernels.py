@@ -69,7 +69,7 @@ _CHECK = textwrap.dedent("""
 
 
 def _run_check(device: str, hidden: int, inter: int, dtypes: str, interpret: bool) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", _CHECK, device, str(hidden), str(inter), dtypes], cwd=REPO,

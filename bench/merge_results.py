@@ -1,0 +1,48 @@
+"""Merges the JSON results of several GPU calls into one table (rows keep a ``run`` tag naming their call).
+
+    python -m bench.merge_results OUT_STEM TAG=FILE[:VARIANT_PREFIX[@CAP]] ...
+
+The first file gives the environment, bandwidth and kernel numbers. A selector keeps only rows whose variant
+starts with VARIANT_PREFIX (and, with @CAP, whose cap equals CAP).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import report
+
+
+def merge(out_stem: str, specs: list[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {"runs": [], "sources": []}
+    for spec in specs:
+        tag, _, rest = spec.partition("=")
+        path, _, sel = rest.partition(":")
+        prefix, _, cap = sel.partition("@")
+        data = json.loads(Path(path).read_text())
+        if "env" not in merged:
+            for k in ("env", "bandwidth", "shm_probe", "kernels", "shape", "prompt", "resident_model_bytes"):
+                if k in data:
+                    merged[k] = data[k]
+        merged["sources"].append({"run": tag, "file": Path(path).name, "argv": data.get("env", {}).get("argv"),
+                                  "date": data.get("env", {}).get("date"), "selector": sel or "all"})
+        for row in data.get("runs", []):
+            if prefix and not row["variant"].startswith(prefix):
+                continue
+            if cap and row.get("cap_gb") != float(cap):
+                continue
+            if "skipped" in row and "profile" not in row:   # budget skips / failed attempts stay in the run files
+                continue
+            merged["runs"].append({**row, "run": tag})
+    report.finish(merged)
+    Path(out_stem + ".json").write_text(json.dumps(merged, indent=1, default=str))
+    Path(out_stem + ".md").write_text(report.markdown(merged))
+    return merged
+
+
+if __name__ == "__main__":
+    m = merge(sys.argv[1], sys.argv[2:])
+    print(report.table(m))

@@ -1,0 +1,278 @@
+"""(d) and (e): the real system — expert workers as separate plain processes holding the experts in POSIX
+shared memory, the coordinator as its own process, requests through the Python client — on a synthetic
+Mixtral-8x7B-shaped checkpoint.
+
+No 93 GB fp16 step: the checkpoint directory holds config.json and the non-expert tensors only; each
+worker's on-disk quantization cache (the format ``expert_workers.cache`` writes) is filled directly with the
+benchmark's pre-quantized expert templates, so ``python -m expert_workers serve`` finds a valid cache, skips
+quantization, and loads the shard into shared memory exactly as in production.
+(d) coordinator reads co-located workers' shm zero-copy (cudaHostRegister'ed); (e) ``--no-zero-copy``: every
+expert travels over gRPC streaming, what a remote expert host gets. The coordinator runs through
+``bench.fast_coordinator`` (our Triton kernels plugged into its expert_ffn / attention hooks).
+Requests sample with temperature 1 (a random model's greedy output loops on one token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from bench.synth import ModelShape
+from expert_workers.format import ExpertManifest, QuantSpec, quant_fingerprint
+
+READY = re.compile(r"serving on (\S+:\d+)")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_checkpoint(path: Path, shape: ModelShape, device: str, seed: int = 5) -> Path:
+    """config.json + model.safetensors with every non-expert tensor (random bf16); no expert tensors."""
+    from safetensors.torch import save_file
+    from transformers import MixtralConfig
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = MixtralConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.inter,
+                        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                        num_key_value_heads=shape.kv_heads, num_local_experts=shape.experts,
+                        num_experts_per_tok=shape.top_k, max_position_embeddings=4096, rope_theta=1e6,
+                        tie_word_embeddings=False)
+    cfg.torch_dtype = "bfloat16"
+    cfg.save_pretrained(path)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    H, d = shape.hidden, shape.head_dim
+
+    def rnd(*s: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*s, generator=gen, device=device) * scale).to(torch.bfloat16).cpu()
+
+    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(shape.vocab, H, scale=1.0),
+                                  "lm_head.weight": rnd(shape.vocab, H, scale=H ** -0.5),
+                                  "model.norm.weight": torch.ones(H, dtype=torch.bfloat16)}
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
+        t[p + "self_attn.q_proj.weight"] = rnd(shape.heads * d, H, scale=H ** -0.5)
+        t[p + "self_attn.k_proj.weight"] = rnd(shape.kv_heads * d, H, scale=H ** -0.5)
+        t[p + "self_attn.v_proj.weight"] = rnd(shape.kv_heads * d, H, scale=H ** -0.5)
+        t[p + "self_attn.o_proj.weight"] = rnd(H, shape.heads * d, scale=H ** -0.5)
+        t[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
+        t[p + "block_sparse_moe.gate.weight"] = rnd(shape.experts, H, scale=H ** -0.5)
+    save_file(t, str(path / "model.safetensors"))
+    return path
+
+
+def write_worker_caches(ckpt: Path, root: Path, spec: QuantSpec, shards: int,
+                        templates: list[tuple[np.ndarray, ExpertManifest]]) -> str:
+    """Every shard's quantization cache, expert (l, e) = template (l·E + e) mod T; returns the quant
+    fingerprint. Same files, same index and checks as a cache the workers built themselves."""
+    from expert_workers.cache import ShardCache
+    from expert_workers.checkpoint import open_checkpoint
+    from expert_workers.store import ShardSpec
+
+    ck = open_checkpoint(ckpt)
+    qfp = quant_fingerprint(ck.fingerprint, spec)
+    for i in range(shards):
+        cache = ShardCache(root, qfp, f"shard-{i}of{shards}")
+        settings = {**spec.as_dict(), "shard": [i, shards]}
+        with cache.locked(), cache.writer(ck.fingerprint, ck.stamp(), settings) as w:
+            for key in ShardSpec.parse(f"{i}/{shards}").keys(ck.layout):
+                buf, man = templates[(key.layer * ck.layout.num_experts + key.expert) % len(templates)]
+                w.add(buf, dataclasses.replace(man, key=key, fingerprint=qfp))
+    return qfp
+
+
+class Proc:
+    """A ``python -m ...`` server; waits for its 'serving on' line, echoes its output to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str], timeout: float = 300) -> None:
+        self.log = open(log_path, "w")
+        self.p = subprocess.Popen([sys.executable, "-u", "-m", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.address: str | None = None
+        found = threading.Event()
+
+        def pump() -> None:
+            assert self.p.stdout is not None
+            for line in self.p.stdout:
+                self.log.write(line)
+                self.log.flush()
+                if self.address is None and (m := READY.search(line)):
+                    self.address = m.group(1)
+                    found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(timeout) or self.address is None:
+            self.stop()
+            raise RuntimeError(f"{' '.join(args[:2])} did not come up; see {log_path}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(8)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(10)
+        self.log.close()
+
+
+def _run_requests(address: str, prompt: list[int], warmup: int, tokens: int) -> tuple[dict[str, Any], float]:
+    from client import Client
+
+    c = Client(address, timeout_s=900)
+    c.generate(prompt_token_ids=prompt, max_new_tokens=warmup, temperature=1.0, seed=1)
+    t0 = time.perf_counter()
+    r = c.generate(prompt_token_ids=prompt, max_new_tokens=tokens + 1, temperature=1.0, seed=2)
+    wall = time.perf_counter() - t0
+    stats = dict(r.stats)
+    stats["server"] = {k: v for k, v in c.stats().items() if not k.startswith("layer")}
+    return stats, wall
+
+
+def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], caps: list[float],
+        prompt: list[int], args: Any, ctx_bytes: int, log: Callable[[str], None],
+        over_budget: Callable[[float], bool], rows: list[dict[str, Any]], work: Path,
+        inloop: Callable[[str], None] | None = None) -> None:
+    """Starts the workers once, then one coordinator per (mode, cap); appends one row per run."""
+    spec = QuantSpec(bits=templates[0][1].matrices["w1"].bits, group_size=templates[0][1].matrices["w1"].group_size)
+    t0 = time.perf_counter()
+    ckpt = write_checkpoint(work / "ckpt", shape, args.device)
+    write_worker_caches(ckpt, work / "cache", spec, args.workers, templates)
+    log(f"system: checkpoint + {args.workers} worker caches written in {time.perf_counter() - t0:.1f}s")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "MOE_CACHE_DIR": str(work / "moe-cache")}
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    workers = []
+    try:
+        for i in range(args.workers):
+            workers.append(Proc(["expert_workers", "serve", "--model", str(ckpt), "--shard", f"{i}/{args.workers}",
+                                 "--port", "0", "--expert-bits", str(spec.bits), "--group-size", str(spec.group_size),
+                                 "--cache-dir", str(work / "cache"), "--no-progress"],
+                                work / f"worker{i}.log", env))
+        addrs = ",".join(w.address for w in workers if w.address)
+        log(f"system: {args.workers} workers serving at {addrs} ({time.perf_counter() - t0:.1f}s)")
+        if inloop is not None:
+            inloop(addrs)
+        if args.profile_coordinator:
+            try:
+                profile_coordinator(ckpt, addrs, caps[0], prompt, args, log, rows)
+            except Exception as e:  # noqa: BLE001 - a diagnosis, not a run
+                import traceback
+                traceback.print_exc()
+                log(f"coordinator profile failed: {e}")
+        plan = [] if args.system_runs == "inloop" else [("d_workers_shm_zero_copy", cap, [], args.new_tokens) for cap in caps]
+        if args.grpc_tokens > 0 and args.system_runs == "all":
+            plan.append(("e_workers_grpc_stream", caps[0], ["--no-zero-copy"], args.grpc_tokens))
+        if args.plain_coordinator and args.system_runs == "all":
+            plan.append(("d_plain_coordinator_hqq", caps[0], [], args.grpc_tokens))
+        for name, cap, extra, n in plan:
+            if over_budget(60 + n * (1.0 if name.startswith("e_") else 0.15)):
+                rows.append({"variant": name, "bits": spec.bits, "cap_gb": cap, "skipped": "time budget"})
+                log(f"SKIP {name} {cap}: time budget")
+                continue
+            # the cap is cap·1e9 bytes; the coordinator's --gpu-memory-gb takes GiB
+            entry = "coordinator" if name.startswith("d_plain") else "bench.fast_coordinator"
+            cmd = [entry, "serve", "--model", str(ckpt), "--workers", addrs, "--port", "0", "--device", dev,
+                   "--gpu-memory-gb", f"{cap * 1e9 / 2**30:.4f}", "--max-seq-len", "512", "--prefetch", str(args.sys_prefetch),
+                   "--fetch-workers", "8", *extra]
+            t1 = time.perf_counter()
+            try:
+                coord = Proc(cmd, work / f"coord-{name}-{cap}.log", env)
+            except RuntimeError as e:
+                rows.append({"variant": name, "bits": spec.bits, "cap_gb": cap, "skipped": f"error: {e}"[:300]})
+                log(f"{name} cap={cap} did not start:\n" + _tail(work / f"coord-{name}-{cap}.log"))
+                continue
+            try:
+                up = time.perf_counter() - t1
+                stats, wall = _run_requests(coord.address or "", prompt, args.warmup, n)
+            except Exception as e:  # noqa: BLE001 - record the failure, keep the other runs
+                rows.append({"variant": name, "bits": spec.bits, "cap_gb": cap, "skipped": f"error: {e}"[:300]})
+                log(f"{name} cap={cap} failed: {e}\n" + _tail(coord.log.name))
+                continue
+            finally:
+                coord.stop()
+            gen = max(1, int(stats["generated_tokens"]) - 1)
+            tps = float(stats["decode_tokens_per_s"])
+            server = stats.pop("server")
+            row = {"variant": name, "bits": spec.bits, "cap_gb": cap, "k": server.get("slots_per_layer"),
+                   "tokens": gen, "graphs": False, "expert_bytes": templates[0][1].nbytes,
+                   "ms_per_token": 1e3 / tps if tps else float("nan"), "tokens_per_s": tps,
+                   "expert_uses": stats["expert_uses"], "cache_hits": stats["cache_hits"],
+                   "cache_misses": stats["cache_misses"], "prefetch_issued": stats["prefetch_issued"],
+                   "prefetch_used": stats["prefetch_used"], "bytes_fetched": stats["bytes_fetched"],
+                   "hit_rate": stats.get("hit_rate", 0.0), "prefetch_recall": stats.get("prefetch_recall"),
+                   "bytes_per_token": stats["bytes_fetched"] / (gen + 1),
+                   "vram_peak_bytes": stats["gpu_peak_bytes"] + ctx_bytes,
+                   "vram_note": "coordinator's torch.cuda.max_memory_allocated + CUDA context",
+                   "coordinator_start_s": up, "client_wall_s": wall, "token_ids": [], "request_stats": stats}
+            rows.append(row)
+            log(f"{name:28s} bits={spec.bits} cap={cap} k={row['k']}: {tps:.2f} tok/s hit={row['hit_rate']:.3f} "
+                f"recall={row['prefetch_recall']} MB/token={row['bytes_per_token'] / 1e6:.1f} "
+                f"vram={row['vram_peak_bytes'] / 1e9:.2f} GB (coordinator up in {up:.0f}s)")
+    except RuntimeError as e:
+        log(f"system bench failed: {e}\n" + "\n".join(_tail(f) for f in sorted(work.glob("worker*.log"))))
+        rows.append({"variant": "d/e", "bits": spec.bits, "cap_gb": None, "skipped": f"error: {e}"[:300]})
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any,
+                        log: Callable[[str], None], rows: list[dict[str, Any]], tokens: int = 24) -> None:
+    """The coordinator's own decode step (``Coordinator.step``, hooks installed) in this process under
+    cProfile: where its per-token time goes. Printed, and stored as a row."""
+    import cProfile
+    import io
+    import pstats
+
+    from bench.fast_coordinator import install
+    install()
+    from coordinator.config import CoordinatorConfig
+    from coordinator.engine import Coordinator
+    from expert_workers.fetch import RemoteSource
+
+    src = RemoteSource(addrs.split(","))
+    co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda", gpu_memory_gb=cap * 1e9 / 2**30, max_seq_len=512,
+                                                  prefetch=args.sys_prefetch, fetch_workers=8))
+    try:
+        gen = torch.Generator().manual_seed(7)
+        stream = torch.randint(0, co.vocab_size, (2 * tokens,), generator=gen).tolist()
+        kv = co.new_kv_cache()
+        co.step(prompt, kv)
+        for t in stream[:tokens // 2]:                      # warm-up: cache fills, kernels compile
+            co.step([t], kv)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for t in stream[tokens:tokens + tokens]:
+            co.step([t], kv)
+        torch.cuda.synchronize()
+        prof.disable()
+        ms = (time.perf_counter() - t0) * 1e3 / tokens
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
+        text = out.getvalue()
+        log(f"coordinator.step profile at {cap} GB: {ms:.1f} ms/token (cProfile on)\n" + text[-6000:])
+        rows.append({"variant": "profile_coordinator_step", "bits": 2, "cap_gb": cap,
+                     "skipped": f"diagnosis only: {ms:.1f} ms/token under cProfile", "profile": text[-12000:]})
+    finally:
+        co.close()
+        src.close()
+
+
+def _tail(path: Path | str, n: int = 25) -> str:
+    try:
+        return "".join(Path(path).read_text().splitlines(keepends=True)[-n:])
+    except OSError:
+        return ""
