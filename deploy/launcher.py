@@ -102,7 +102,7 @@ def _wait_ready(handles: list[Any], timeout_s: float, report: Report) -> None:
 
 def _kill(handles: list[Any], grace_s: float = 5.0) -> None:
     """Stops workers gracefully (their shared memory is released), then makes sure they are gone."""
-    refs = [h.shutdown.remote(grace_s) for h in handles]
+    refs = [h.shutdown.options(max_task_retries=0).remote(grace_s) for h in handles]  # exiting is no failure
     ray.wait(refs, num_returns=len(refs), timeout=grace_s + 10.0)
     for h in handles:
         try:

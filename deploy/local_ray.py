@@ -48,6 +48,7 @@ class LocalRay:
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         self._proc: subprocess.Popen[str] | None = None
         self._lines: deque[str] = deque(maxlen=200)
+        self._nodes: list[subprocess.Popen[str]] = []
 
     def command(self) -> list[str]:
         """The ``ray start`` command line."""
@@ -62,38 +63,58 @@ class LocalRay:
             ["--include-dashboard=false"]
         return cmd
 
-    def start(self, timeout_s: float = 120.0) -> LocalRay:
-        """Starts the head and waits until it accepts drivers."""
-        self._proc = subprocess.Popen(self.command(), env=self.env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def _launch(self, cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """Runs ``ray start ... --block`` and waits for it to say it is up."""
+        proc = subprocess.Popen(cmd, env=env or self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
         ready = threading.Event()
 
         def pump() -> None:
-            assert self._proc is not None and self._proc.stdout is not None
-            for line in self._proc.stdout:
+            assert proc.stdout is not None
+            for line in proc.stdout:
                 self._lines.append(line)
                 if "block forever" in line:
                     ready.set()
             ready.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout_s) or self._proc.poll() is not None:
-            output = "".join(self._lines)
+        if not ready.wait(timeout_s) or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{''.join(self._lines)}")
+        return proc
+
+    def start(self, timeout_s: float = 120.0) -> LocalRay:
+        """Starts the head and waits until it accepts drivers."""
+        try:
+            self._proc = self._launch(self.command(), timeout_s)
+        except RuntimeError:
             self.stop()
-            raise RuntimeError(f"ray start failed:\n{output}")
+            raise
         return self
+
+    def add_node(self, expert_host: float, num_cpus: int = 1, timeout_s: float = 120.0) -> None:
+        """Joins another Ray node on 127.0.0.1 (its own raylet and object store), as
+        ``ray start --address=HEAD --resources='{"expert_host": N}'`` does on another machine.
+
+        ``ray start --address`` itself cannot join on loopback: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 it
+        refuses ("multi-node clusters are not supported"), without it it resolves 127.0.0.1 to the external
+        interface. So the node is started the way ``ray.cluster_utils.Cluster.add_node`` does (``_node_main``)."""
+        cmd = [sys.executable, "-u", "-m", "deploy.local_ray", self.address, str(self.temp_dir),
+               json.dumps({"expert_host": expert_host}), str(num_cpus)]
+        self._nodes.append(self._launch(cmd, timeout_s))
 
     def pids(self) -> list[int]:
         """The head's process and everything below it (to check nothing is left behind)."""
         import psutil
 
-        if self._proc is None:
-            return []
-        try:
-            root = psutil.Process(self._proc.pid)
-            return [root.pid, *(p.pid for p in root.children(recursive=True))]
-        except psutil.NoSuchProcess:
-            return []
+        pids: list[int] = []
+        for proc in [*self._nodes, *([self._proc] if self._proc else [])]:
+            try:
+                root = psutil.Process(proc.pid)
+                pids += [root.pid, *(p.pid for p in root.children(recursive=True))]
+            except psutil.NoSuchProcess:
+                pass
+        return pids
 
     def stop(self, timeout_s: float = 60.0) -> list[int]:
         """Stops the head and all its processes; returns the pids that were still alive afterwards and had
@@ -101,21 +122,29 @@ class LocalRay:
         import psutil
 
         survivors: list[int] = []
-        if self._proc is not None and self._proc.poll() is None:
-            procs = [psutil.Process(p) for p in self.pids() if psutil.pid_exists(p)]
-            self._proc.send_signal(signal.SIGTERM)
+        procs = []
+        for pid in self.pids():
             try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(10)
-            _, alive = psutil.wait_procs(procs, timeout=15)
-            for p in alive:
-                survivors.append(p.pid)
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        # Worker nodes first, then the head: each `ray start --block` shuts down what it started.
+        for proc in [*self._nodes, *([self._proc] if self._proc else [])]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
                 try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            survivors.append(p.pid)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._nodes.clear()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return survivors
 
@@ -124,3 +153,25 @@ class LocalRay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _node_main(gcs_address: str, temp_dir: str, resources: str, num_cpus: int) -> None:
+    """A worker node on 127.0.0.1 (what ``ray.cluster_utils.Cluster.add_node`` starts), until SIGTERM."""
+    import ray._private.node
+    import ray._private.parameter
+
+    params = ray._private.parameter.RayParams(
+        node_ip_address="127.0.0.1", gcs_address=gcs_address, temp_dir=temp_dir, num_cpus=num_cpus, num_gpus=0,
+        resources=json.loads(resources), include_log_monitor=False, node_manager_port=0, min_worker_port=0,
+        max_worker_port=0, dashboard_agent_listen_port=None)
+    node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("node started; will block forever until terminated by a signal", flush=True)
+    stop.wait()
+    node.kill_all_processes(check_alive=False, allow_graceful=True)
+
+
+if __name__ == "__main__":
+    _node_main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
