@@ -78,8 +78,9 @@ class DeploySpec:
 
     def coordinator_args(self, workers: list[str], port: int, device: str) -> list[str]:
         """``python -m coordinator serve`` arguments for this spec and worker addresses."""
+        # --reuse-port: a replacement coordinator (scale) binds the port while this one still serves.
         args = ["serve", "--model", self.model, "--workers", ",".join(workers), "--host", self.host,
-                "--port", str(port), "--device", device, "--attn-bits", str(self.attn_bits),
+                "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
                 "--prefetch", str(self.prefetch)]
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]
