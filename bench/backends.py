@@ -186,16 +186,10 @@ class WorkerShm(Prefetch):
         self.views = [source.host_view(ExpertKey(*divmod(i, experts))) for i in range(layers * experts)]  # type: ignore[attr-defined]
         if any(v is None for v in self.views):
             raise RuntimeError("a worker is not co-located: no shared-memory view")
-        from coordinator.transfer import _clear_cuda_error
+        from coordinator.pinning import pin_host_view
 
-        cudart = torch.cuda.cudart()
-        seen: set[int] = set()
-        for v in self.views:
-            st = v.untyped_storage()
-            if st.data_ptr() not in seen and not v.is_pinned():
-                seen.add(st.data_ptr())
-                if int(cudart.cudaHostRegister(st.data_ptr(), st.nbytes(), 1)) != 0:
-                    _clear_cuda_error()
+        for v in self.views:  # each segment's pages once per process (coordinator.pinning)
+            pin_host_view(id(self), v)
         self.unpinned_views = sum(not v.is_pinned() for v in self.views)
 
     def _fill(self, layer: int, e: int, slot: int) -> None:

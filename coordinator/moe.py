@@ -5,8 +5,13 @@ transformers 5 routes every ``MixtralExperts.forward`` through ``ALL_EXPERTS_FUN
 attention and KV cache stay transformers' own.
 
 One MoE step (a prefill chunk or one decode token), short on purpose:
-    route (given) -> look up the cache -> start fetches for misses -> compute resident experts ->
-    compute prefetched ones -> compute misses as they land -> update the LRU.
+    route (given, read to the host once) -> look up the cache -> start fetches for misses -> compute.
+How experts are computed is a ``MoePath`` chosen once per runner (``select_path``):
+- "hqq" (CPU, and whatever the GPU kernels do not read): per expert, as misses land, hqq's dequantize + matmul;
+- "gemv_layer" (CUDA, SiLU, one u8-packed 2/4/8-bit layout): the layer's misses land first, then one
+  ``gpu_kernels.moe_ffn`` launch pair computes every routed (token, expert) pair straight from the cache
+  arena, reading arena rows from a device tensor; a step that cannot hold all its experts at once (more
+  distinct experts than cache slots, or a prefill) goes per expert, with the Triton GEMV for ≤ 4 tokens.
 After decoder layer l, a forward hook applies layer l+1's router (through its post-attention norm) to the
 residual stream and prefetches the top ``prefetch`` experts that are not cached into spare buffers.
 """
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+from coordinator import gpu_kernels as gk
 from coordinator.cache import ExpertCache
 from coordinator.transfer import Load, Transfers
 from expert_workers.format import ExpertKey, ExpertManifest, hqq_meta
@@ -31,6 +37,7 @@ EXPERTS_IMPLEMENTATION = "moe_serving_offload"
 RECALL_TOP = (1, 2, 3)
 
 SlotViews = Mapping[str, Mapping[str, torch.Tensor]]
+ExpertFn = Callable[[SlotViews, ExpertManifest, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
 
 def _weight(views: SlotViews, manifest: ExpertManifest, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -48,12 +55,59 @@ def expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
     """One expert on its routed tokens, from the packed form in a cache slot: ``w2 · (act(w1·x) * (w3·x))``.
 
     x: [T, H] -> [T, H]. Dequantizes with hqq's own Quantizer (bit-identical to hqq) into x's dtype, then
-    matmuls. The one place to swap in a fused low-bit kernel (gemlite) on the GPU.
+    matmuls: the reference every other path is checked against.
     """
     w1 = _weight(slot_views, manifest, "w1", x.dtype)  # [I, H]
     w3 = _weight(slot_views, manifest, "w3", x.dtype)  # [I, H]
     w2 = _weight(slot_views, manifest, "w2", x.dtype)  # [H, I]
     return F.linear(act(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def gemv_expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
+                    act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
+    """``expert_ffn`` through the Triton GEMV for ≤ GEMV_MAX_TOKENS tokens (SiLU, u8 packing: checked once by
+    ``select_path``), hqq's dequantize + matmul for more."""
+    if x.shape[0] <= gk.GEMV_MAX_TOKENS:
+        return gk.expert_ffn_views(slot_views, manifest, x)
+    return expert_ffn(slot_views, manifest, x, act)
+
+
+@dataclass(frozen=True)
+class MoePath:
+    """How a runner computes its experts; chosen once, at start."""
+
+    name: str
+    """"hqq" or "gemv_layer"."""
+    expert_fn: ExpertFn
+    """One expert on its tokens (per-expert steps)."""
+    layout: gk.PackedLayout | None = None
+    """The one packed layout every expert has, when whole layers go through ``gpu_kernels.moe_ffn``."""
+
+
+HQQ_PATH = MoePath("hqq", expert_ffn)
+
+
+def _is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
+def gemv_reads(layout: gk.PackedLayout) -> bool:
+    """Whether the fused GEMV kernels read ``layout`` with their launch shapes (K a multiple of their step)."""
+    return (layout.fused and layout.hidden % (gk.GATE_UP.groups_per_block * layout.group_size) == 0
+            and layout.inter % (gk.DOWN.groups_per_block * layout.group_size) == 0)
+
+
+def select_path(device: torch.device, act: Callable[[torch.Tensor], torch.Tensor],
+                manifests: Mapping[ExpertKey, ExpertManifest]) -> MoePath:
+    """The fastest path for this device, activation and expert format; hqq's wherever the kernels do not
+    apply (CPU: the exactness reference)."""
+    if device.type != "cuda" or not gk.HAVE_TRITON or not _is_silu(act) or not manifests:
+        return HQQ_PATH
+    layouts = {gk.layout_of(m) for m in manifests.values()}
+    if len(layouts) != 1:
+        return HQQ_PATH
+    layout = layouts.pop()
+    return MoePath("gemv_layer", gemv_expert_ffn, layout) if gemv_reads(layout) else HQQ_PATH
 
 
 @dataclass
@@ -87,6 +141,8 @@ class ExpertRunner:
         self.prefetch = prefetch
         self.recall = RecallCounters()
         self._act = self.layers[0].mlp.experts.act_fn
+        self.path = select_path(cache.arena.device, self._act, manifests)
+        self._moe = self._moe_layer if self.path.layout is not None else self._moe_per_expert
         self._prefetch_loads: dict[ExpertKey, tuple[Load, int]] = {}  # unlanded prefetches -> spare buffer
         self._orphans: list[Load] = []  # prefetches whose spare was reclaimed before they landed
         self._predicted: dict[int, list[int]] = {}  # layer -> experts ranked by the previous layer's guess
@@ -108,29 +164,71 @@ class ExpertRunner:
         if layer == 0:
             self._predicted.clear()  # guesses left over from a failed step must not be scored
         self._pump()
-        used = top_k_index.unique().tolist()
+        routing = top_k_index.tolist()  # the layer's one device->host read; everything below plans from it
+        used = sorted({e for row in routing for e in row})
         self._count_recall(layer, used, decode=x.shape[0] == 1)
+        return self._moe(layer, x, routing, used, top_k_weights)
+
+    def _moe_per_expert(self, layer: int, x: torch.Tensor, routing: list[list[int]], used: list[int],
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Resident experts first, then prefetched ones, then misses as they land (each computed at once)."""
         found = self.cache.lookup(layer, used)
         misses = [self._start(ExpertKey(layer, f.expert)) for f in found if f.buffer is None]
         out = torch.zeros_like(x)
         todo = set(used)
+
+        def apply(buf: int, expert: int) -> None:
+            self._apply(buf, expert, x, routing, top_k_weights, out)
+            todo.discard(expert)
+
         try:
             for f in sorted((f for f in found if f.buffer is not None), key=lambda f: f.prefetched):
                 if f.prefetched:
                     self._land_prefetch(ExpertKey(layer, f.expert))
-                self._apply(f.buffer, f.expert, x, top_k_index, top_k_weights, out)  # type: ignore[arg-type]
-                todo.discard(f.expert)
+                apply(f.buffer, f.expert)  # type: ignore[arg-type]
                 if f.prefetched:
                     self.cache.promote(layer, f.expert, todo)
-            self._compute_misses(layer, misses, todo, x, top_k_index, top_k_weights, out)
+            self._land_misses(layer, misses, todo, apply)
         except BaseException:
             self.transfers.drain([ld for ld in misses if not ld.landed])
             raise
         return out
 
-    def _compute_misses(self, layer: int, misses: list[Load], todo: set[int], x: torch.Tensor,
-                        top_k_index: torch.Tensor, top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
-        """Misses in the order they land; each takes the LRU victim among experts already computed."""
+    def _moe_layer(self, layer: int, x: torch.Tensor, routing: list[list[int]], used: list[int],
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Every routed expert made resident (misses land, prefetched ones join the LRU), then one
+        ``gpu_kernels.moe_ffn`` over the arena: two launches for the layer, no host sync."""
+        if x.shape[0] > gk.GEMV_MAX_TOKENS or len(used) > self.cache.slots_per_layer:
+            return self._moe_per_expert(layer, x, routing, used, top_k_weights)  # cannot hold them all at once
+        found = self.cache.lookup(layer, used)
+        misses = [self._start(ExpertKey(layer, f.expert)) for f in found if f.buffer is None]
+        rows = {f.expert: f.buffer for f in found if f.buffer is not None}
+        protect = set(used)
+        try:
+            for f in found:
+                if f.prefetched:
+                    self._land_prefetch(ExpertKey(layer, f.expert))
+            self._land_misses(layer, misses, protect, lambda buf, expert: rows.__setitem__(expert, buf))
+        except BaseException:
+            self.transfers.drain([ld for ld in misses if not ld.landed])
+            raise
+        for f in found:
+            if f.prefetched:
+                self.cache.promote(layer, f.expert, protect)  # the row stays; only its owner changes
+        slots = self._to_device([[rows[e] for e in row] for row in routing], torch.int32)
+        buffers = sorted(set(rows.values()))
+        for buf in buffers:
+            self.transfers.before_compute(buf)
+        assert self.path.layout is not None
+        out = gk.moe_ffn(x, self.cache.arena, slots, top_k_weights, self.path.layout)
+        for buf in buffers:
+            self.transfers.after_compute(buf)
+        return out
+
+    def _land_misses(self, layer: int, misses: list[Load], protect: set[int],
+                     on_land: Callable[[int, int], None]) -> None:
+        """Misses in the order they land; each takes the LRU victim among experts not in ``protect`` (those
+        this step still has to compute), then ``on_land(buffer, expert)``."""
         pending = list(misses)
         while pending:
             load = self.transfers.wait_any(pending + self._unlanded_prefetches())
@@ -138,23 +236,31 @@ class ExpertRunner:
                 self._pump()
                 continue
             pending.remove(load)
-            buf = self.cache.take_victim(layer, todo)
+            buf = self.cache.take_victim(layer, protect)
             try:
                 manifest = self.transfers.land(load, buf)
             except BaseException:
                 self.cache.free_buffer(layer, buf)
                 raise
             self.cache.insert(layer, load.key.expert, buf, manifest)
-            self._apply(buf, load.key.expert, x, top_k_index, top_k_weights, out)
-            todo.discard(load.key.expert)
+            on_land(buf, load.key.expert)
 
-    def _apply(self, buf: int, expert: int, x: torch.Tensor, top_k_index: torch.Tensor,
+    def _apply(self, buf: int, expert: int, x: torch.Tensor, routing: list[list[int]],
                top_k_weights: torch.Tensor, out: torch.Tensor) -> None:
-        token_idx, k_pos = torch.where(top_k_index == expert)
+        pairs = [(t, k) for t, row in enumerate(routing) for k, e in enumerate(row) if e == expert]
+        token_idx, k_pos = self._to_device(list(zip(*pairs)), torch.long)  # as torch.where would give them
         self.transfers.before_compute(buf)
-        y = expert_ffn(self.cache.views(buf), self.cache.manifests[buf], x[token_idx], self._act)
+        y = self.path.expert_fn(self.cache.views(buf), self.cache.manifests[buf], x[token_idx], self._act)
         out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
         self.transfers.after_compute(buf)
+
+    def _to_device(self, data: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        """Host-planned indices onto the compute device without a sync (pinned, non-blocking on CUDA)."""
+        t = torch.tensor(data, dtype=dtype)
+        device = self.cache.arena.device
+        if device.type != "cuda":
+            return t
+        return t.pin_memory().to(device, non_blocking=True)
 
     def _start(self, key: ExpertKey) -> Load:
         load = self.transfers.start(key, self.manifests[key])

@@ -18,7 +18,6 @@ in a deferred queue until one is released, so pool threads never block on each o
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -26,23 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from coordinator.pinning import PROCESS_REGISTRY, pin_host_view
 from expert_workers.format import ExpertKey, ExpertManifest
 from expert_workers.source import ExpertSource
 
-CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context (as torch does)
-CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: for mappings without write permission
 log = logging.getLogger(__name__)
-
-
-def _clear_cuda_error() -> None:
-    """A failed cudaHostRegister leaves the thread's last-error set, and torch's next kernel-launch check
-    would report it; torch does not expose cudaGetLastError, so call the loaded runtime's directly."""
-    for name in ("libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0", "libcudart.so"):
-        try:
-            ctypes.CDLL(name).cudaGetLastError()
-            return
-        except (OSError, AttributeError):
-            continue
 
 
 @dataclass(eq=False)
@@ -128,25 +115,17 @@ class Transfers:
             self._submit(self._deferred.popleft())
 
     def _register(self, host: torch.Tensor) -> None:
-        """Pins a co-located worker's shm mapping once (CUDA only), so copies from it run at DMA speed
-        (55 GB/s instead of 7 from pageable memory). Best effort: a mapping that cannot be registered is
-        still copied from, just slower."""
+        """Pins a co-located worker's shm mapping (CUDA only), so copies from it run at DMA speed (55 GB/s
+        instead of 7 from pageable memory). Each page is registered once per process (``coordinator.pinning``):
+        an overlapping second registration would break the next CUDA allocation. Best effort: a mapping that
+        cannot be registered is still copied from, just slower."""
         if not self.cuda:
             return
-        storage = host.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in self._registered:
+        ptr = host.untyped_storage().data_ptr()
+        if ptr in self._registered:  # this storage was handled already: skip the registry's lock
             return
         self._registered.add(ptr)
-        if host.is_pinned():  # registered already (by the source, or another coordinator in this process)
-            return
-        cudart = torch.cuda.cudart()
-        for flags in (CUDA_HOST_REGISTER_PORTABLE, CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_READ_ONLY):
-            if int(cudart.cudaHostRegister(ptr, storage.nbytes(), flags)) == 0:
-                return
-            _clear_cuda_error()
-        log.warning("could not cudaHostRegister a %d-byte shared-memory mapping; copying from pageable memory",
-                    storage.nbytes())
+        pin_host_view(id(self), host)
 
     # -- waiting -------------------------------------------------------------------------------------
     def wait_any(self, loads: Sequence[Load]) -> Load:
@@ -225,3 +204,7 @@ class Transfers:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.cuda and self._registered:
+            torch.cuda.synchronize(self.arena.device)  # no copy may still read a range being unregistered
+            PROCESS_REGISTRY.release(id(self))
+            self._registered.clear()

@@ -1,0 +1,123 @@
+"""The choices the coordinator makes once at start for the GPU (which MoE path, which attention module) and the
+bookkeeping that keeps each shared-memory page registered with CUDA at most once. Pure logic: runs on CPU. The
+paths themselves are checked against hqq on CUDA in test_coordinator_gpu.py."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coordinator import gpu_kernels as gk
+from coordinator.moe import HQQ_PATH, gemv_expert_ffn, select_path
+from coordinator.pinning import HostRegistry
+from expert_workers.format import ExpertKey, QuantSpec, pack_expert
+
+CUDA = torch.device("cuda")
+
+
+@lru_cache(maxsize=None)
+def _manifests(bits: int, hidden: int = 256, inter: int = 512, n: int = 2) -> dict[ExpertKey, object]:
+    torch.manual_seed(0)
+    out = {}
+    for e in range(n):
+        w = {"w1": torch.randn(inter, hidden), "w3": torch.randn(inter, hidden), "w2": torch.randn(hidden, inter)}
+        _, m = pack_expert(ExpertKey(0, e), w, QuantSpec(bits, 64) if bits != 16 else QuantSpec(16))
+        out[ExpertKey(0, e)] = m
+    return out
+
+
+# -- MoE path selection ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not gk.HAVE_TRITON, reason="Triton not installed")
+def test_cuda_u8_silu_layout_takes_the_layer_kernel() -> None:
+    manifests = _manifests(2)
+    path = select_path(CUDA, nn.SiLU(), manifests)
+    assert path.name == "gemv_layer" and path.expert_fn is gemv_expert_ffn
+    assert path.layout == gk.layout_of(next(iter(manifests.values())))
+    assert select_path(CUDA, F.silu, _manifests(4)).name == "gemv_layer"
+
+
+def test_everything_else_keeps_hqq() -> None:
+    two_bit = _manifests(2)
+    assert select_path(torch.device("cpu"), F.silu, two_bit) is HQQ_PATH  # CPU: the exactness reference
+    assert select_path(CUDA, F.gelu, two_bit) is HQQ_PATH  # the kernels fuse SiLU only
+    assert select_path(CUDA, F.silu, _manifests(3)) is HQQ_PATH  # 3bit_32 packing: no fused kernel
+    assert select_path(CUDA, F.silu, _manifests(16)) is HQQ_PATH  # unquantized
+    # hidden 64 is not a multiple of the kernels' K step (2 groups of 64): would raise inside the launch
+    assert select_path(CUDA, F.silu, _manifests(2, hidden=64, inter=128)) is HQQ_PATH
+    mixed = {**_manifests(2), ExpertKey(0, 7): next(iter(_manifests(4).values()))}
+    assert select_path(CUDA, F.silu, mixed) is HQQ_PATH  # one layout must serve every arena row
+
+
+# -- shared-memory registration bookkeeping ---------------------------------------------------------------
+class FakeCuda:
+    """Records register/unregister calls and fails, as CUDA does, on any range overlapping a registered one."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+        self.calls: list[tuple[str, int, int]] = []
+
+    def register(self, ptr: int, n: int) -> bool:
+        self.calls.append(("reg", ptr, n))
+        if any(p < ptr + n and ptr < p + m for p, m in self.live.items()):
+            return False
+        self.live[ptr] = n
+        return True
+
+    def unregister(self, ptr: int) -> None:
+        self.calls.append(("unreg", ptr, self.live.pop(ptr)))
+
+
+def test_segment_registered_once_and_views_inside_it_are_free() -> None:
+    cuda = FakeCuda()
+    reg = HostRegistry(cuda.register, cuda.unregister, page=4096)
+    seg = 1 << 20
+    assert reg.acquire(owner=1, ptr=seg, nbytes=10 * 4096)
+    assert reg.acquire(owner=1, ptr=seg + 4096, nbytes=100)  # an expert inside the segment
+    assert reg.acquire(owner=2, ptr=seg, nbytes=10 * 4096)  # another Transfers in the process
+    assert cuda.calls == [("reg", seg, 10 * 4096)]
+    reg.release(1)
+    assert cuda.live == {seg: 10 * 4096}  # owner 2 still copies from it
+    reg.release(2)
+    assert cuda.live == {} and reg.ranges == []
+
+
+def test_adjacent_experts_sharing_pages_never_overlap() -> None:
+    """Per-expert views (in-process stores, Ray objects) are packed back to back and share pages."""
+    cuda = FakeCuda()
+    reg = HostRegistry(cuda.register, cuda.unregister, page=4096)
+    base = 1 << 24
+    sizes = [5000, 3000, 9000, 100]
+    at = base + 100
+    for i, n in enumerate(sizes):
+        assert reg.acquire(owner=7, ptr=at, nbytes=n, keep=f"storage{i}")
+        assert reg.covered(at, n)
+        at += n
+    assert reg.failed == 0
+    starts = sorted(cuda.live)
+    for a, b in zip(starts, starts[1:]):
+        assert a + cuda.live[a] <= b  # pairwise disjoint
+    assert all(p % 4096 == 0 and n % 4096 == 0 for p, n in cuda.live.items())
+    assert reg.covered(base + 100, sum(sizes))
+    # a later segment-wide view registers only the pages still uncovered
+    before = len(cuda.live)
+    assert reg.acquire(owner=8, ptr=base, nbytes=16 * 4096)
+    assert len(cuda.live) == before + 1 and reg.covered(base, 16 * 4096)
+    reg.release(7)
+    assert len(cuda.live) == len(reg.ranges) and all(8 in r.owners for r in reg.ranges)
+    reg.release(8)
+    assert cuda.live == {}
+
+
+def test_refused_registration_is_counted_and_retried_later() -> None:
+    cuda = FakeCuda()
+    cuda.live[0] = 8192  # pinned by someone else
+    reg = HostRegistry(cuda.register, cuda.unregister, page=4096)
+    assert not reg.acquire(owner=1, ptr=4096, nbytes=4096)
+    assert reg.failed == 1 and not reg.covered(4096, 4096) and reg.ranges == []
+    assert reg.acquire(owner=1, ptr=8192, nbytes=4096)
+    reg.release(1)
+    assert cuda.live == {0: 8192}  # never unregisters what it did not register
