@@ -75,3 +75,68 @@ def test_registered_shm_copies_asynchronously(source: ExpertSource) -> None:
         assert float(x.sum()) == 4.0  # no stale CUDA error surfaces at the next kernel launch
     finally:
         transfers.close()
+
+
+# -- the fast paths chosen at start on CUDA (coordinator.moe.select_path, coordinator.model.PackedLinear) -----
+@pytest.fixture(scope="module")
+def kernel_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mixtral whose dims the Triton kernels read (K a multiple of 2 groups of 64), in float16."""
+    from modelzoo.tiny import TinySpec, build_tiny_random
+
+    spec = TinySpec(layers=3, hidden=256, intermediate=512, heads=4, kv_heads=2, dtype="float16", seed=3)
+    return build_tiny_random(tmp_path_factory.mktemp("kernel") / "ckpt", spec)
+
+
+def _hqq_reference_paths(engine: Coordinator) -> None:
+    """Puts the reference paths back on a built engine: hqq's dequantize + matmul for experts and attention."""
+    from coordinator.model import PackedLinear
+    from coordinator.moe import HQQ_PATH
+
+    engine.runner.path = HQQ_PATH
+    engine.runner._moe = engine.runner._moe_per_expert
+    for layer in engine.model.model.layers:
+        for name, mod in list(layer.self_attn.named_children()):
+            if isinstance(mod, PackedLinear):
+                setattr(layer.self_attn, name, mod.hqq)
+
+
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy"), [(8, 0, True), (2, 2, True), (1, 1, False)])
+def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int, prefetch: int,
+                              zero_copy: bool) -> None:
+    """Same logits (fp16 rounding apart) and the same cache behaviour through the Triton paths as through hqq's;
+    k=1 < top-2 makes the layer path fall back to per-expert GEMV calls."""
+    from coordinator.model import PackedLinear
+    from expert_workers.format import INT2
+
+    store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("x2"), progress=False).load()
+    src = make_source(stores=[store])
+    cfg = CoordinatorConfig(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy)
+    fast, slow = Coordinator(kernel_ckpt, src, cfg), Coordinator(kernel_ckpt, src, cfg)
+    try:
+        assert fast.runner.path.name == "gemv_layer"
+        assert any(isinstance(m, PackedLinear) for m in fast.model.modules())
+        _hqq_reference_paths(slow)
+        for prompt in ([5, 9, 33], list(range(10, 30))):  # 3 tokens: GEMV everywhere; 20: prefill fallbacks
+            kv_f, kv_s = fast.new_kv_cache(), slow.new_kv_cache()
+            tokens = list(prompt)
+            with torch.inference_mode():
+                lf, ls = fast.step(tokens, kv_f), slow.step(tokens, kv_s)
+                for _ in range(8):
+                    rel = float((lf - ls).norm() / ls.norm())
+                    assert rel < 2e-2, rel
+                    nxt = int(ls.argmax())  # both follow the reference's tokens, so errors cannot compound
+                    lf, ls = fast.step([nxt], kv_f), slow.step([nxt], kv_s)
+        sf, ss = fast.runner.stats(), slow.runner.stats()
+        assert sf["expert_uses"] == ss["expert_uses"] == sf["cache_hits"] + sf["cache_misses"]
+        if k == 8:  # smaller caches may evict differently: the layer path protects all of a step's experts
+            assert sf["cache_hits"] == ss["cache_hits"]
+        fast.cache.check()
+        x = torch.ones(4, device="cuda")
+        assert float(x.sum()) == 4.0  # no stale CUDA error (e.g. from registering shm twice in one process)
+    finally:
+        fast.close()
+        slow.close()
+        store.close()
+    from coordinator.pinning import PROCESS_REGISTRY
+
+    assert not any(id(e.transfers) in r.owners for e in (fast, slow) for r in PROCESS_REGISTRY.ranges)
