@@ -111,6 +111,7 @@ def test_shards_cover_every_expert_exactly_once(tiny_workers: list[ServerProcess
         RemoteSource([tiny_workers[0].address])
 
 
+@pytest.mark.skipif(not (CODE_MOE / "config.json").is_file(), reason="../shared/models/code-moe-22m not present")
 def test_bits16_streams_the_checkpoint_bit_for_bit_with_replicas(tmp_path: Path) -> None:
     """code-moe-22m (fp16, 8x8 experts of 590 KB): 2 shards x 2 replicas, 64 KiB chunks (10 per expert)."""
     servers = spawn_parallel(CODE_MOE, 2, ["--expert-bits", "16", "--no-progress"], replicas=2)
