@@ -16,8 +16,10 @@ Paths, fastest first:
 Every byte handed out is checked against the manifest's xxh3 checksum; a mismatch or a truncated stream counts as
 DATA_LOSS (``checksum_failures``) and the next replica is tried; the bad bytes only ever sit in the caller's
 buffer, which the retry overwrites. Replicas are tried co-located first, then round-robin; a slow or corrupt one
-is tried last for ``cooldown_s``; one that is gone (UNAVAILABLE, lost objects) is tried last until a
-``replicas.Reviver`` thread sees it ready again (at its new address, for a restarted Ray actor).
+is tried last for ``cooldown_s`` (doubling with each further failure in a row, up to ``MAX_COOLDOWN_FACTOR``
+times: a replica that keeps timing out stops stalling requests); one that is gone (UNAVAILABLE, lost objects) is
+tried last until a ``replicas.Reviver`` thread sees it ready again (at its new address, for a restarted Ray
+actor).
 ``ExpertUnavailable`` when none works; every RPC has a deadline (``timeout_s`` for fetches and handles).
 """
 
@@ -52,6 +54,8 @@ FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
                   grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 """Codes that are the replica's problem, not the request's: try another replica. (NOT_FOUND: a worker restarted
 with another shard.) INVALID_ARGUMENT and auth errors are ours and would fail everywhere: they are raised."""
+MAX_COOLDOWN_FACTOR = 32
+"""A replica failing again and again sits out at most this many times ``cooldown_s`` between attempts."""
 
 
 class RemoteSource:
@@ -65,9 +69,10 @@ class RemoteSource:
         fetch attempt (and of every other RPC). ``connect_timeout_s``: how long startup waits for a worker to
         answer GetInfo. ``prefer_zero_copy``: False forces gRPC streaming even for co-located workers.
         ``chunk_bytes``: stream chunk size (0 = server default). ``cooldown_s``: how long a slow or corrupt
-        replica is tried only last. ``credentials`` (TLS) and ``metadata`` (e.g. an auth token) go on every
-        call. ``actors``: address -> Ray actor handle, for zero-copy reads of Ray-storage workers and for
-        finding a restarted actor's new address. ``probe_s``: first interval at which a gone replica is polled."""
+        replica is tried only last after its first failure in a row (doubling with each further one).
+        ``credentials`` (TLS) and ``metadata`` (e.g. an auth token) go on every call. ``actors``: address -> Ray
+        actor handle, for zero-copy reads of Ray-storage workers and for finding a restarted actor's new address.
+        ``probe_s``: first interval at which a gone replica is polled."""
         if not addresses:
             raise ValueError("RemoteSource needs at least one worker address")
         self.timeout_s, self.prefer_zero_copy, self.chunk_bytes = timeout_s, prefer_zero_copy, chunk_bytes
@@ -179,7 +184,7 @@ class RemoteSource:
             except (DataLoss, ReplicaGone) as e:
                 self._on_bad_replica(w, key, e, errors)
                 continue
-            w.served += 1
+            w.served, w.strikes = w.served + 1, 0
             self._count("fetches")
             self._count("bytes_fetched", manifest.nbytes)
             return manifest
@@ -211,7 +216,7 @@ class RemoteSource:
             except (DataLoss, ReplicaGone) as e:
                 self._on_bad_replica(w, key, e, errors)
                 continue
-            w.served += 1
+            w.served, w.strikes = w.served + 1, 0
             self._count("zero_copy_reads")
             return view
         return None
@@ -274,10 +279,12 @@ class RemoteSource:
         return local + [w for w in healthy if w not in local] + [w for w in rotated if w.down_until > now]
 
     def _mark_down(self, w: Replica, gone: bool = False) -> None:
-        """Out of rotation: for ``cooldown_s``, or (``gone``) until the Reviver sees it ready again."""
+        """Out of rotation: for a cooldown, or (``gone``) until the Reviver sees it ready again."""
         with self._lock:
             w.failures += 1
-            w.down_until = math.inf if gone else max(w.down_until, time.monotonic() + self.cooldown_s)
+            w.strikes += 1
+            cooldown = self.cooldown_s * min(2 ** (w.strikes - 1), MAX_COOLDOWN_FACTOR)
+            w.down_until = math.inf if gone else max(w.down_until, time.monotonic() + cooldown)
             w.handles.clear()  # a restarted worker has a new segment: ask again
         if gone:
             self._count("replicas_gone")
@@ -318,7 +325,7 @@ class RemoteSource:
                 segments = w.forget_process()
                 self._verified = {v for v in self._verified if v[0] != w.info.worker_id}
             w.info, w.colocated = info, info.host_id == self._host_id
-            w.down_until = 0.0
+            w.down_until, w.strikes = 0.0, 0
             w.revivals += 1
         release_segments(segments)
         if old_channel is not None:

@@ -89,6 +89,8 @@ class Replica:
     """Experts it delivered (fetches and zero-copy views)."""
     failures: int = 0
     """Attempts that failed (RPC errors, data loss, lost objects)."""
+    strikes: int = 0
+    """Failures since its last success (sets the cooldown)."""
     revivals: int = 0
     """Times it came back after being gone."""
 

@@ -64,8 +64,10 @@ class Fleet:
         return self.servers[name].address
 
     def kill(self, *names: str) -> None:
+        """SIGKILL to each worker's whole process group: the worker and its helpers (multiprocessing's resource
+        tracker, which would otherwise unlink the dead worker's shared memory) die together, as in an OOM kill."""
         for name in names:
-            self.servers[name].proc.send_signal(signal.SIGKILL)
+            os.killpg(self.servers[name].proc.pid, signal.SIGKILL)
         for name in names:
             self.servers[name].proc.wait(10)
 
@@ -155,6 +157,10 @@ def test_sigkill_one_replica_mid_generation_keeps_the_tokens(served: Served, fle
         assert after["unavailable"] == before["unavailable"]
         assert restart is not None
         restart.result()
+
+    # Nobody was left to unlink the killed worker's shared memory; its successor on the shard removed it.
+    assert not list(Path("/dev/shm").glob(f"moe-*-s0of2-{old_pid}*"))
+    assert any("shared-memory segment(s) of dead workers" in line for line in fleet.servers["s0r0"].lines)
 
     # The source sees the restarted process ready again and uses it again.
     wait_until(lambda: replica(served.source, "0/2", 0)["healthy"], 30, "revival of s0r0")
