@@ -104,7 +104,9 @@ def run_demo(args: argparse.Namespace) -> int:
             _step("deploy down")
             _run_cli(["deploy", "down"], env, timeout_s=300)
         _step("stopping Ray")
+        pids = ray_head.pids()  # the head and everything below it: raylet, workers, the coordinator process
         survivors = ray_head.stop()
+        print(f"stopped {len(pids)} processes: {' '.join(map(str, pids))}", flush=True)
     if survivors:
         print(f"error: {len(survivors)} processes had to be killed after Ray stopped: {survivors}", file=sys.stderr)
         return 1

@@ -224,7 +224,11 @@ def status(namespace: str) -> dict[str, Any]:
     """``{"coordinator": {...}, "workers": [{name, node, pid, address, shards, replica, health, bytes}]}``."""
     from client import Client, ClientError
 
-    state = ray.get(_coordinator(namespace).state.remote(), timeout=30)
+    try:
+        state = ray.get(_coordinator(namespace).state.remote(), timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+        raise DeployError(f"the coordinator actor does not answer ({type(e).__name__}); "
+                          "`python -m deploy down` removes what is left") from None
     known = nodes()
     spec = state["spec"]
     coord: dict[str, Any] = {"name": COORDINATOR_ACTOR, "node": node_label(state["node_id"], known),

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import deque
 from pathlib import Path
 
@@ -59,7 +58,7 @@ class LocalRay:
                "--disable-usage-stats"]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        cmd += [f"--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}"] if self.dashboard else \
+        cmd += ["--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}"] if self.dashboard else \
             ["--include-dashboard=false"]
         return cmd
 

@@ -201,6 +201,8 @@ def test_ray_up_serves_a_prompt_and_ray_down_stops_everything(sshd: dict, tiny_c
         assert any("raylet" in " ".join(p.cmdline()) for p in _user_processes())  # Ray runs as the account
     finally:
         code, down = _launcher(["down", "-y", str(cluster_yaml)], tmp / "ray-down.log", 300, cwd=REPO, env=env)
+        for suffix in ("state", "lock"):  # the launcher's local bookkeeping of this throw-away cluster
+            Path(f"/tmp/ray/cluster-{config['cluster_name']}.{suffix}").unlink(missing_ok=True)
     assert code == 0, f"ray down failed ({code}):\n{down[-6000:]}"
     deadline = time.monotonic() + 60
     while any(p.name() != "sshd" for p in _user_processes()):
