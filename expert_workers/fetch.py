@@ -312,7 +312,7 @@ class RemoteSource:
     def _revived(self, w: Replica, address: str, channel: grpc.Channel | None, stub: Any,
                  info: wire.RemoteInfo) -> bool:
         """Reviver callback: swaps in a ready replica's (new) channel and identity; False if it now serves
-        something else (it stays out of rotation)."""
+        something else (it stays out of rotation, tried only when nothing else is left)."""
         if not same_shard(w.info, info):
             log.error("expert worker at %s came back serving another shard or model (%s, shard %d/%d); "
                       "leaving it out", address, info.model_fingerprint[:8], info.shard_index, info.num_shards)

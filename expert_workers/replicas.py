@@ -212,7 +212,7 @@ class Reviver:
                 if self._on_back(replica, address, fresh[1] if fresh else None, stub if fresh else None, info):
                     if fresh is not None:
                         candidate = None  # RemoteSource owns the channel now
-                    return
+                return  # back, or refused for serving something else (then it stays out of rotation)
         finally:
             if candidate is not None:
                 candidate[1].close()
