@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from deploy.spec import ATTN_BITS, EXPERT_BITS, NAMESPACE, DeploySpec
+from deploy.spec import ATTN_BITS, EXPERT_BITS, NAMESPACE, DeployError, DeploySpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,16 +83,22 @@ def print_status(report: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from deploy import launcher
-    from deploy.cluster import connect
+    from deploy.cluster import connect, prepare_loopback_env
 
-    connect(args.address, args.namespace)
-    if args.command == "up":
+    spec = None
+    if args.command == "up":  # validate the settings before touching the cluster
         spec = DeploySpec(model=args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                           host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
                           attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
                           gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, namespace=args.namespace,
                           expert_host=args.expert_host, ready_timeout_s=args.timeout)
+    elif args.command == "scale" and (args.workers < 1 or (args.replicas is not None and args.replicas < 1)):
+        raise ValueError("scale needs N >= 1 (and --replicas >= 1)")
+    prepare_loopback_env(args.address)  # before `ray` is imported
+    from deploy import launcher
+
+    connect(args.address, args.namespace)
+    if spec is not None:
         state = launcher.up(spec)
         print(f"coordinator: {state['address']}", flush=True)
     elif args.command == "status":
@@ -116,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args)
     from client import ClientError
     from deploy.cluster import ClusterError
-    from deploy.launcher import DeployError
 
     try:
         return _run(args)

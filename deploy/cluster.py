@@ -1,13 +1,17 @@
-"""Connecting ``deploy`` to a running Ray cluster, bound to loopback when the cluster is."""
+"""Connecting ``deploy`` to a running Ray cluster, bound to loopback when the cluster is.
+
+Ray decides at import time whether to resolve 127.0.0.1 to the machine's external address
+(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), so ``prepare_loopback_env`` runs before anything imports ``ray``.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 import os
+import socket
+from pathlib import Path
 from typing import Any
-
-import ray
 
 
 class ClusterError(RuntimeError):
@@ -21,13 +25,44 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _recorded_address() -> str | None:
+    """The address the latest local ``ray start`` recorded (what ``address="auto"`` reads), if any."""
+    tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        return (Path(tmp) / "ray" / "ray_current_cluster").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def prepare_loopback_env(address: str | None) -> None:
+    """Sets ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (unless set) when the cluster is on loopback, so this
+    driver joins it as 127.0.0.1 instead of the external interface. Call before importing ``ray``."""
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if target == "auto":
+        target = _recorded_address() or ""
+    host = target.removeprefix("ray://").rsplit(":", 1)[0]
+    if host and _is_loopback(host):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fails fast when nothing listens at the GCS address (ray.init would retry for minutes)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:
+        raise ClusterError(f"no Ray cluster at {address} ({e}); start one with `ray start --head` or "
+                           "`ray up deploy/cluster.yaml`, or pass --address / set RAY_ADDRESS") from None
+
+
 def resolve_address(address: str | None) -> str:
     """``HOST:PORT`` of the cluster: ``address``, else ``$RAY_ADDRESS``, else the latest local ``ray start``."""
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     if address != "auto":
         return address.removeprefix("ray://") if address.startswith("ray://") else address
     try:
-        from ray._private.services import canonicalize_bootstrap_address
+        from ray._private.services import canonicalize_bootstrap_address  # Ray's own "auto" lookup
 
         found = canonicalize_bootstrap_address("auto")
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError or others when nothing is found
@@ -41,11 +76,14 @@ def resolve_address(address: str | None) -> str:
 def connect(address: str | None, namespace: str) -> str:
     """Joins the cluster as a driver in ``namespace`` and returns its address.
 
-    A loopback cluster is joined as 127.0.0.1 (with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; without both Ray
-    reports the external interface). Ray's token authentication is used when a token is available (Ray only
+    A loopback cluster is joined as 127.0.0.1 (with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see
+    ``prepare_loopback_env``; without both Ray reports the external interface). Ray's token authentication is used when a token is available (Ray only
     does that by itself for ``address="auto"``)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    prepare_loopback_env(address)
     resolved = resolve_address(address)
+    _check_reachable(resolved)
     host = resolved.rsplit(":", 1)[0]
     if "RAY_AUTH_MODE" not in os.environ:
         try:
@@ -69,6 +107,8 @@ def connect(address: str | None, namespace: str) -> str:
 
 def nodes() -> dict[str, dict[str, Any]]:
     """Alive nodes by node id: ``ip``, ``hostname``, ``expert_host`` capacity, ``gpus``."""
+    import ray
+
     out: dict[str, dict[str, Any]] = {}
     for node in ray.nodes():
         if not node.get("Alive"):
@@ -90,4 +130,6 @@ def node_label(node_id: str | None, known: dict[str, dict[str, Any]]) -> str:
 
 def expert_host_capacity() -> float:
     """Total ``expert_host`` resource of the cluster."""
+    import ray
+
     return float(ray.cluster_resources().get("expert_host", 0.0))

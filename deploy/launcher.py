@@ -23,14 +23,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from deploy.cluster import ClusterError, node_label, nodes
 from deploy.coordinator_host import CoordinatorHost
-from deploy.spec import COORDINATOR_ACTOR, WORKER_PREFIX, DeploySpec
+from deploy.spec import COORDINATOR_ACTOR, WORKER_PREFIX, DeployError, DeploySpec
 
 log = logging.getLogger(__name__)
 Report = Callable[[str], None]
-
-
-class DeployError(RuntimeError):
-    """The deployment is missing, already there, or failed to start."""
 
 
 def _coordinator(namespace: str) -> Any:

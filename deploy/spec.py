@@ -15,6 +15,10 @@ EXPERT_BITS = (2, 3, 4, 8, 16)
 ATTN_BITS = (4, 8, 16)
 
 
+class DeployError(RuntimeError):
+    """The deployment is missing, already there, or failed to start."""
+
+
 @dataclass(frozen=True)
 class DeploySpec:
     """Everything ``deploy up`` was asked for; ``scale`` changes ``workers`` (and optionally ``replicas``)."""

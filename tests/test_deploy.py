@@ -24,7 +24,7 @@ import pytest
 from client import Client
 from conftest import REPO
 from coordinator.reference import greedy, reference_model
-from deploy.local_ray import LocalRay
+from deploy.local_ray import LocalRay, free_port
 
 pytestmark = pytest.mark.slow
 PROMPT_IDS = [5, 9, 33, 70, 100]
@@ -42,7 +42,9 @@ def cluster(tiny_ckpt: Path) -> Iterator[LocalRay]:
 
 
 def deploy(cluster: LocalRay, *args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([sys.executable, "-m", "deploy", *args], cwd=REPO, env=cluster.env, capture_output=True,
+    # A user's shell: RAY_ADDRESS set, but not RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER (deploy sets it for loopback).
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    out = subprocess.run([sys.executable, "-m", "deploy", *args], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=timeout)
     if ok:
         assert out.returncode == 0, f"deploy {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
@@ -131,4 +133,6 @@ def test_down_removes_everything(cluster: LocalRay, address: str) -> None:
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
     gone = deploy(cluster, "status", ok=False)
     assert gone.returncode == 1 and "nothing deployed" in gone.stderr
+    nowhere = deploy(cluster, "status", "--address", f"127.0.0.1:{free_port()}", ok=False)
+    assert nowhere.returncode == 1 and "no Ray cluster at" in nowhere.stderr
 
