@@ -2,7 +2,9 @@
 
 The coordinator is the documented CLI process, not code inside the actor: the actor starts it, waits for its
 ``coordinator serving on HOST:PORT`` line, restarts it if it dies, and holds the deployment's state (spec,
-generation, worker actors) so ``status``/``scale``/``down`` can find it by name.
+generation, worker actors) so ``status``/``scale``/``down`` can find it by name. The coordinator finds the
+current generation's worker actors itself (``--ray ... --ray-actor-prefix expert-worker-gG-``), so a worker
+that Ray restarts on a new port is found again.
 
 Switching to new workers (``scale``) starts a second coordinator on the same port (gRPC servers set
 SO_REUSEPORT), waits until it serves, then stops the old one with a grace period: no moment without a server,
@@ -124,10 +126,30 @@ class CoordinatorHost:
         threading.Thread(target=self._watch, daemon=True, name="coordinator-watch").start()
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        """The coordinator joins this cluster as a Ray driver (worker discovery): same node IP, loopback
+        binding and authentication mode as this actor."""
+        import ray
 
-    def _spawn(self, addresses: list[str], timeout_s: float) -> CoordinatorProcess:
-        proc = CoordinatorProcess(self.spec.coordinator_args(addresses, self.port, self.device), self._env())
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        node_ip = ray.util.get_node_ip_address()
+        env["RAY_NODE_IP_ADDRESS"] = node_ip
+        if node_ip.startswith("127."):
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        try:
+            from ray._raylet import AuthenticationMode, get_authentication_mode
+
+            if "RAY_AUTH_MODE" not in env and get_authentication_mode() == AuthenticationMode.TOKEN:
+                env["RAY_AUTH_MODE"] = "token"  # an explicit address does not turn it on by itself
+        except ImportError:  # a Ray without token authentication
+            pass
+        return env
+
+    def _spawn(self, generation: int, timeout_s: float) -> CoordinatorProcess:
+        import ray
+
+        gcs = ray.get_runtime_context().gcs_address
+        args = self.spec.coordinator_args(gcs, generation, self.port, self.device)
+        proc = CoordinatorProcess(args, self._env())
         address = proc.wait_ready(timeout_s)
         self.port = int(address.rsplit(":", 1)[1])  # --port 0 resolved: later restarts keep it
         return proc
@@ -140,7 +162,7 @@ class CoordinatorHost:
             old = self._proc
             self.spec = spec
             try:
-                new = self._spawn(addresses, timeout_s)
+                new = self._spawn(generation, timeout_s)
             except RuntimeError as e:
                 bind_failed = "address already in use" in str(e).lower() or "bind" in str(e)
                 if old is None or not bind_failed:
@@ -148,7 +170,7 @@ class CoordinatorHost:
                 log.warning("port %d cannot be shared; stopping the old coordinator first", self.port)
                 old.stop(30.0)
                 old = None
-                new = self._spawn(addresses, timeout_s)
+                new = self._spawn(generation, timeout_s)
             self._proc = new
             self.generation, self.worker_names, self.worker_addresses = generation, names, addresses
         if old is not None:
@@ -174,9 +196,9 @@ class CoordinatorHost:
                 if self._stopping or self._proc is not proc:
                     continue
                 self.restarts += 1
-                addresses = list(self.worker_addresses)
+                generation = self.generation
             try:  # outside the lock: state() keeps answering while it loads
-                new = self._spawn(addresses, self.spec.ready_timeout_s)
+                new = self._spawn(generation, self.spec.ready_timeout_s)
             except RuntimeError as e:
                 log.error("%s", e)
                 continue

@@ -74,16 +74,22 @@ class DeploySpec:
 
     def worker_name(self, generation: int, shard: int, replica: int) -> str:
         """Actor name of one worker: generation (bumped by every scale), shard I/N, replica."""
-        return f"{WORKER_PREFIX}-g{generation}-s{shard}of{self.workers}-r{replica}"
+        return f"{self.generation_prefix(generation)}s{shard}of{self.workers}-r{replica}"
 
     def shards(self) -> list[tuple[int, int]]:
         """Every (shard, replica) pair, replicas of one shard adjacent."""
         return [(i, r) for i in range(self.workers) for r in range(self.replicas)]
 
-    def coordinator_args(self, workers: list[str], port: int, device: str) -> list[str]:
-        """``python -m coordinator serve`` arguments for this spec and worker addresses."""
+    def generation_prefix(self, generation: int) -> str:
+        """Name prefix of one generation's worker actors (what the coordinator discovers)."""
+        return f"{WORKER_PREFIX}-g{generation}-"
+
+    def coordinator_args(self, ray_address: str, generation: int, port: int, device: str) -> list[str]:
+        """``python -m coordinator serve`` arguments: it finds this generation's worker actors through Ray
+        (``--ray``), so it can follow a worker that Ray restarted on a new port and read Ray-held experts."""
         # --reuse-port: a replacement coordinator (scale) binds the port while this one still serves.
-        args = ["serve", "--model", self.model, "--workers", ",".join(workers), "--host", self.host,
+        args = ["serve", "--model", self.model, "--ray", ray_address, "--ray-namespace", self.namespace,
+                "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
                 "--prefetch", str(self.prefetch)]
         if self.experts_per_layer is not None:

@@ -11,9 +11,12 @@ no actor and no coordinator process.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +125,20 @@ def test_scale_without_room_for_both_generations_replaces_in_place(cluster: Loca
     assert sorted(w["shards"] for w in report["workers"]) == ["0/3", "1/3", "2/3"]
     assert report["coordinator"]["generation"] == 2
     assert tokens(address) == expected
+
+
+def test_a_killed_worker_is_restarted_and_found_again(cluster: LocalRay, address: str,
+                                                      expected: list[int]) -> None:
+    victim = status(cluster)["workers"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while True:  # Ray restarts the actor (max_restarts); it reloads from the disk cache on a new port
+        row = next(w for w in status(cluster)["workers"] if w["name"] == victim["name"])
+        if row["pid"] not in (None, victim["pid"]) and row["health"] == "SERVING":
+            break
+        assert time.monotonic() < deadline, row
+        time.sleep(2)
+    assert tokens(address) == expected  # the coordinator found it again (Ray discovery of its generation)
 
 
 def test_down_removes_everything(cluster: LocalRay, address: str) -> None:
