@@ -246,8 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="expert worker processes for (d)/(e)")
     ap.add_argument("--grpc-tokens", type=int, default=24, help="tokens for (e) (each miss ~0.1 s over gRPC)")
     ap.add_argument("--sys-prefetch", type=int, default=2)
-    ap.add_argument("--plain-coordinator", action=argparse.BooleanOptionalAction, default=False,
-                    help="also run the coordinator without our kernels (hqq PyTorch dequantize)")
     ap.add_argument("--bits2", action=argparse.BooleanOptionalAction, default=True,
                     help="2-bit variants in the bench loop (a, b, c, p)")
     ap.add_argument("--system-runs", choices=("all", "inloop"), default="all",

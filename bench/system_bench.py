@@ -7,8 +7,8 @@ worker's on-disk quantization cache (the format ``expert_workers.cache`` writes)
 benchmark's pre-quantized expert templates, so ``python -m expert_workers serve`` finds a valid cache, skips
 quantization, and loads the shard into shared memory exactly as in production.
 (d) coordinator reads co-located workers' shm zero-copy (cudaHostRegister'ed); (e) ``--no-zero-copy``: every
-expert travels over gRPC streaming, what a remote expert host gets. The coordinator runs through
-``bench.fast_coordinator`` (our Triton kernels plugged into its expert_ffn / attention hooks).
+expert travels over gRPC streaming, what a remote expert host gets. The coordinator is the plain
+``python -m coordinator serve`` (its CUDA fast paths, coordinator.gpu_kernels, are chosen at start).
 Requests sample with temperature 1 (a random model's greedy output loops on one token).
 """
 
@@ -173,16 +173,13 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
         plan = [] if args.system_runs == "inloop" else [("d_workers_shm_zero_copy", cap, [], args.new_tokens) for cap in caps]
         if args.grpc_tokens > 0 and args.system_runs == "all":
             plan.append(("e_workers_grpc_stream", caps[0], ["--no-zero-copy"], args.grpc_tokens))
-        if args.plain_coordinator and args.system_runs == "all":
-            plan.append(("d_plain_coordinator_hqq", caps[0], [], args.grpc_tokens))
         for name, cap, extra, n in plan:
             if over_budget(60 + n * (1.0 if name.startswith("e_") else 0.15)):
                 rows.append({"variant": name, "bits": spec.bits, "cap_gb": cap, "skipped": "time budget"})
                 log(f"SKIP {name} {cap}: time budget")
                 continue
             # the cap is cap·1e9 bytes; the coordinator's --gpu-memory-gb takes GiB
-            entry = "coordinator" if name.startswith("d_plain") else "bench.fast_coordinator"
-            cmd = [entry, "serve", "--model", str(ckpt), "--workers", addrs, "--port", "0", "--device", dev,
+            cmd = ["coordinator", "serve", "--model", str(ckpt), "--workers", addrs, "--port", "0", "--device", dev,
                    "--gpu-memory-gb", f"{cap * 1e9 / 2**30:.4f}", "--max-seq-len", "512", "--prefetch", str(args.sys_prefetch),
                    "--fetch-workers", "8", *extra]
             t1 = time.perf_counter()
@@ -229,14 +226,12 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
 
 def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any,
                         log: Callable[[str], None], rows: list[dict[str, Any]], tokens: int = 24) -> None:
-    """The coordinator's own decode step (``Coordinator.step``, hooks installed) in this process under
-    cProfile: where its per-token time goes. Printed, and stored as a row."""
+    """The coordinator's own decode step (``Coordinator.step``) in this process: ms/token plain, then under
+    cProfile (where its per-token time goes). Printed, and stored as a row."""
     import cProfile
     import io
     import pstats
 
-    from bench.fast_coordinator import install
-    install()
     from coordinator.config import CoordinatorConfig
     from coordinator.engine import Coordinator
     from expert_workers.fetch import RemoteSource
@@ -252,6 +247,12 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
         for t in stream[:tokens // 2]:                      # warm-up: cache fills, kernels compile
             co.step([t], kv)
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for t in stream[tokens // 2:tokens]:
+            co.step([t], kv)
+        torch.cuda.synchronize()
+        plain_ms = (time.perf_counter() - t0) * 1e3 / (tokens - tokens // 2)
+        log(f"coordinator.step at {cap} GB: {plain_ms:.1f} ms/token, path {co.runner.path.name}")
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
@@ -265,7 +266,7 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
         text = out.getvalue()
         log(f"coordinator.step profile at {cap} GB: {ms:.1f} ms/token (cProfile on)\n" + text[-6000:])
         rows.append({"variant": "profile_coordinator_step", "bits": 2, "cap_gb": cap,
-                     "skipped": f"diagnosis only: {ms:.1f} ms/token under cProfile", "profile": text[-12000:]})
+                     "skipped": f"diagnosis only: {plain_ms:.1f} ms/token, {ms:.1f} under cProfile", "profile": text[-12000:]})
     finally:
         co.close()
         src.close()
