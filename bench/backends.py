@@ -188,8 +188,8 @@ class WorkerShm(Prefetch):
             raise RuntimeError("a worker is not co-located: no shared-memory view")
         from coordinator.pinning import pin_host_view
 
-        for v in self.views:  # each segment's pages once per process (coordinator.pinning)
-            pin_host_view(id(self), v)
+        for v in self.views:  # each segment's pages once per process, owned by the source (coordinator.pinning)
+            pin_host_view(id(source), v)
         self.unpinned_views = sum(not v.is_pinned() for v in self.views)
 
     def _fill(self, layer: int, e: int, slot: int) -> None:

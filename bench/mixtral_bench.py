@@ -219,6 +219,9 @@ def inloop_workers(r: Runner, shape: ModelShape, caps: list[float], tpl: list[An
         traceback.print_exc()
         r.rows.append({"variant": "d_inloop_workers_shm", "bits": 2, "cap_gb": None, "skipped": f"error: {e}"[:300]})
     finally:
+        from coordinator.pinning import PROCESS_REGISTRY
+        torch.cuda.synchronize()
+        PROCESS_REGISTRY.release(id(src))  # unregister before the mappings go away
         src.close()
 
 
@@ -248,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sys-prefetch", type=int, default=2)
     ap.add_argument("--bits2", action=argparse.BooleanOptionalAction, default=True,
                     help="2-bit variants in the bench loop (a, b, c, p)")
-    ap.add_argument("--system-runs", choices=("all", "inloop"), default="all",
-                    help="inloop: only our loop fed by the worker processes (no coordinator processes)")
+    ap.add_argument("--system-runs", choices=("all", "inloop", "profile"), default="all",
+                    help="inloop: only our loop fed by the worker processes (no coordinator processes); profile: only --profile-coordinator")
     ap.add_argument("--system3", action=argparse.BooleanOptionalAction, default=False,
                     help="also run (d)/(e) with 3-bit workers")
     ap.add_argument("--profile-coordinator", action=argparse.BooleanOptionalAction, default=False,

@@ -161,8 +161,6 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                                 work / f"worker{i}.log", env))
         addrs = ",".join(w.address for w in workers if w.address)
         log(f"system: {args.workers} workers serving at {addrs} ({time.perf_counter() - t0:.1f}s)")
-        if inloop is not None:
-            inloop(addrs)
         if args.profile_coordinator:
             try:
                 profile_coordinator(ckpt, addrs, caps[0], prompt, args, log, rows)
@@ -170,7 +168,9 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                 import traceback
                 traceback.print_exc()
                 log(f"coordinator profile failed: {e}")
-        plan = [] if args.system_runs == "inloop" else [("d_workers_shm_zero_copy", cap, [], args.new_tokens) for cap in caps]
+        if inloop is not None and args.system_runs != "profile":
+            inloop(addrs)
+        plan = [] if args.system_runs in ("inloop", "profile") else [("d_workers_shm_zero_copy", cap, [], args.new_tokens) for cap in caps]
         if args.grpc_tokens > 0 and args.system_runs == "all":
             plan.append(("e_workers_grpc_stream", caps[0], ["--no-zero-copy"], args.grpc_tokens))
         for name, cap, extra, n in plan:
@@ -226,50 +226,63 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
 
 def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any,
                         log: Callable[[str], None], rows: list[dict[str, Any]], tokens: int = 24) -> None:
-    """The coordinator's own decode step (``Coordinator.step``) in this process: ms/token plain, then under
-    cProfile (where its per-token time goes). Printed, and stored as a row."""
+    """The coordinator's own decode step (``Coordinator.step``) in this process: ms/token plain (prefetch on
+    and off), then under cProfile and torch.profiler (where its per-token time goes). Printed, stored as a row."""
     import cProfile
     import io
     import pstats
+
+    from torch.profiler import ProfilerActivity, profile
 
     from coordinator.config import CoordinatorConfig
     from coordinator.engine import Coordinator
     from expert_workers.fetch import RemoteSource
 
+    gen = torch.Generator().manual_seed(7)
+    stream = torch.randint(0, 32000, (2 * tokens,), generator=gen).tolist()
     src = RemoteSource(addrs.split(","))
-    co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda", gpu_memory_gb=cap * 1e9 / 2**30, max_seq_len=512,
-                                                  prefetch=args.sys_prefetch, fetch_workers=8))
-    try:
-        gen = torch.Generator().manual_seed(7)
-        stream = torch.randint(0, co.vocab_size, (2 * tokens,), generator=gen).tolist()
-        kv = co.new_kv_cache()
-        co.step(prompt, kv)
-        for t in stream[:tokens // 2]:                      # warm-up: cache fills, kernels compile
-            co.step([t], kv)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for t in stream[tokens // 2:tokens]:
-            co.step([t], kv)
-        torch.cuda.synchronize()
-        plain_ms = (time.perf_counter() - t0) * 1e3 / (tokens - tokens // 2)
-        log(f"coordinator.step at {cap} GB: {plain_ms:.1f} ms/token, path {co.runner.path.name}")
-        prof = cProfile.Profile()
-        t0 = time.perf_counter()
-        prof.enable()
-        for t in stream[tokens:tokens + tokens]:
-            co.step([t], kv)
-        torch.cuda.synchronize()
-        prof.disable()
-        ms = (time.perf_counter() - t0) * 1e3 / tokens
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(22)
-        text = out.getvalue()
-        log(f"coordinator.step profile at {cap} GB: {ms:.1f} ms/token (cProfile on)\n" + text[-6000:])
-        rows.append({"variant": "profile_coordinator_step", "bits": 2, "cap_gb": cap,
-                     "skipped": f"diagnosis only: {plain_ms:.1f} ms/token, {ms:.1f} under cProfile", "profile": text[-12000:]})
-    finally:
-        co.close()
-        src.close()
+    text, plain = "", {}
+    for prefetch in (args.sys_prefetch, 0):
+        co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda", gpu_memory_gb=cap * 1e9 / 2**30,
+                                                      max_seq_len=512, prefetch=prefetch, fetch_workers=8))
+        try:
+            with torch.inference_mode():
+                kv = co.new_kv_cache()
+                co.step(prompt, kv)
+                _timed_steps(co, kv, stream[:tokens // 2])  # warm-up: cache fills, kernels compile
+                plain[prefetch] = _timed_steps(co, kv, stream[tokens // 2:tokens])
+                log(f"coordinator.step at {cap} GB, prefetch {prefetch}: {plain[prefetch]:.1f} ms/token, "
+                    f"path {co.runner.path.name}")
+                if prefetch == 0:
+                    continue
+                prof = cProfile.Profile()
+                prof.enable()
+                ms = _timed_steps(co, kv, stream[tokens:])
+                prof.disable()
+                out = io.StringIO()
+                pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+                pstats.Stats(prof, stream=out).sort_stats("cumtime").print_stats(30)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+                    _timed_steps(co, kv, stream[:4])
+                table = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                                max_name_column_width=60)
+                text = f"{ms:.1f} ms/token under cProfile\n{out.getvalue()}\ntorch.profiler, 4 tokens:\n{table}"
+        finally:
+            co.close()
+    src.close()
+    log(f"coordinator.step profile at {cap} GB:\n" + text[-14000:])
+    rows.append({"variant": "profile_coordinator_step", "bits": 2, "cap_gb": cap, "profile": text,
+                 "skipped": "diagnosis only: ms/token " + ", ".join(f"prefetch {k}: {v:.1f}" for k, v in plain.items())})
+
+
+def _timed_steps(co: Any, kv: Any, tokens: list[int]) -> float:
+    """ms per decode step over ``tokens``, synchronized."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for t in tokens:
+        co.step([t], kv)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / len(tokens)
 
 
 def _tail(path: Path | str, n: int = 25) -> str:
