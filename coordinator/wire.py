@@ -13,6 +13,7 @@ import protos
 from coordinator.generate import DEFAULT_MAX_NEW_TOKENS, GenerateParams, InvalidRequest, QueueFull, \
     RequestCancelled, TokenEvent
 from coordinator.scheduler import ShuttingDown
+from expert_workers.malformed import check_parsed, tolerant
 from expert_workers.source import ExpertNotFound, ExpertUnavailable
 
 pb = protos.load("coordinator_pb2")
@@ -62,32 +63,6 @@ def add_servicer(servicer: object, server: grpc.Server) -> None:
     pb_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)
 
 
-class _Malformed:
-    """Stands in for request bytes that did not parse, so the handler answers INVALID_ARGUMENT (gRPC itself
-    would answer INTERNAL)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = f"{type(error).__name__}: {error}"
-
-
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's malformed bytes
-            return _Malformed(e)
-
-    return parse
-
-
-def _check_parsed(request: Any) -> None:
-    if isinstance(request, _Malformed):
-        raise InvalidRequest(f"malformed request: {request.error}")
-
-
 class StatusInterceptor(grpc.ServerInterceptor):
     """Turns exceptions raised by servicer methods into gRPC statuses with the exception's message, and
     unparseable request bytes into INVALID_ARGUMENT."""
@@ -98,11 +73,11 @@ class StatusInterceptor(grpc.ServerInterceptor):
             return None
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream), request_deserializer=_tolerant(handler.request_deserializer),
+                self._wrap_stream(handler.unary_stream), request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary), request_deserializer=_tolerant(handler.request_deserializer),
+                self._wrap_unary(handler.unary_unary), request_deserializer=tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return handler
 
@@ -116,7 +91,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _wrap_stream(self, fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Iterator[Any]]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                _check_parsed(request)
+                check_parsed(request, InvalidRequest)
                 yield from fn(request, context)
             except Exception as e:  # noqa: BLE001 - every error becomes a status
                 self._abort(context, e)
@@ -126,7 +101,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
     def _wrap_unary(self, fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                _check_parsed(request)
+                check_parsed(request, InvalidRequest)
                 return fn(request, context)
             except Exception as e:  # noqa: BLE001 - every error becomes a status
                 self._abort(context, e)

@@ -25,14 +25,15 @@ actor).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -48,6 +49,7 @@ from expert_workers.store import ExpertHandle, host_id
 __all__ = ["DataLoss", "RemoteSource"]
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.DATA_LOSS,
                   grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -176,18 +178,11 @@ class RemoteSource:
         for attempt, w in enumerate(self._order(key)):
             if attempt:
                 self._count("failovers")
-            try:
-                manifest = self._fetch_from(w, key, out, timeout)
-            except grpc.RpcError as e:
-                self._on_rpc_error(w, e, errors)
-                continue
-            except (DataLoss, ReplicaGone) as e:
-                self._on_bad_replica(w, key, e, errors)
-                continue
-            w.served, w.strikes = w.served + 1, 0
-            self._count("fetches")
-            self._count("bytes_fetched", manifest.nbytes)
-            return manifest
+            manifest = self._attempt(w, key, errors, functools.partial(self._fetch_from, w, key, out, timeout))
+            if manifest is not None:
+                self._count("fetches")
+                self._count("bytes_fetched", manifest.nbytes)
+                return manifest
         self._count("unavailable")
         raise ExpertUnavailable(f"no replica could serve expert {key}: {'; '.join(errors)}")
 
@@ -200,25 +195,10 @@ class RemoteSource:
         for w in self._order(key):
             if not self._zero_copy_capable(w):
                 continue
-            try:
-                local = self._try_local_view(w, key)
-                if local is None:
-                    continue
-                view, manifest = local
-                if (w.info.worker_id, key) not in self._verified:
-                    if checksum(view) != manifest.checksum:
-                        raise DataLoss(f"expert {key} in the shared memory of {w.address} fails its checksum")
-                    with self._lock:
-                        self._verified.add((w.info.worker_id, key))
-            except grpc.RpcError as e:
-                self._on_rpc_error(w, e, errors)
-                continue
-            except (DataLoss, ReplicaGone) as e:
-                self._on_bad_replica(w, key, e, errors)
-                continue
-            w.served, w.strikes = w.served + 1, 0
-            self._count("zero_copy_reads")
-            return view
+            view = self._attempt(w, key, errors, functools.partial(self._checked_view, w, key))
+            if view is not None:
+                self._count("zero_copy_reads")
+                return view
         return None
 
     def stats(self) -> dict[str, float]:
@@ -309,6 +289,23 @@ class RemoteSource:
         errors.append(f"{w.address}: {'DATA_LOSS' if lost else 'UNAVAILABLE'}: {e}")
         log.warning("expert %s from %s: %s; trying another replica", key, w.address, e)
 
+    def _attempt(self, w: Replica, key: ExpertKey, errors: list[str], call: Callable[[], R | None]) -> R | None:
+        """``call()`` on replica ``w``. A failure that is the replica's (see ``FAILOVER_CODES``, DataLoss, a gone
+        replica) puts it in cooldown or marks it gone, adds a line to ``errors`` and gives None: try the next
+        one. A result resets the replica's strikes; None from ``call`` (nothing to read there) changes nothing.
+        Errors every replica would give (INVALID_ARGUMENT, auth) propagate."""
+        try:
+            result = call()
+        except grpc.RpcError as e:
+            self._on_rpc_error(w, e, errors)
+            return None
+        except (DataLoss, ReplicaGone) as e:
+            self._on_bad_replica(w, key, e, errors)
+            return None
+        if result is not None:
+            w.served, w.strikes = w.served + 1, 0
+        return result
+
     def _revived(self, w: Replica, address: str, channel: grpc.Channel | None, stub: Any,
                  info: wire.RemoteInfo) -> bool:
         """Reviver callback: swaps in a ready replica's (new) channel and identity; False if it now serves
@@ -369,6 +366,19 @@ class RemoteSource:
                         type(e).__name__, e)
             w.shm_broken = True
             return None
+
+    def _checked_view(self, w: Replica, key: ExpertKey) -> torch.Tensor | None:
+        """``_try_local_view``, its checksum verified the first time this worker process hands it out."""
+        local = self._try_local_view(w, key)
+        if local is None:
+            return None
+        view, manifest = local
+        if (w.info.worker_id, key) not in self._verified:
+            if checksum(view) != manifest.checksum:
+                raise DataLoss(f"expert {key} in the shared memory of {w.address} fails its checksum")
+            with self._lock:
+                self._verified.add((w.info.worker_id, key))
+        return view
 
     def _handle(self, w: Replica, key: ExpertKey) -> ExpertHandle:
         h = w.handles.get(key)

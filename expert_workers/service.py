@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from expert_workers import wire
+from expert_workers.malformed import check_parsed, tolerant
 from expert_workers.source import ExpertNotFound, ExpertUnavailable
 from expert_workers.store import ExpertStore, WorkerNotReady
 
@@ -80,31 +81,6 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable[[Any], An
     return handler  # no client-streaming RPCs in this service
 
 
-@dataclass(frozen=True)
-class _Malformed:
-    """Stands in for a request that did not parse, so the handler can answer INVALID_ARGUMENT (grpc itself
-    would answer INTERNAL)."""
-
-    error: str
-
-
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's malformed bytes
-            return _Malformed(f"{type(e).__name__}: {e}")
-    return parse
-
-
-def _check_parsed(request: Any) -> None:
-    if isinstance(request, _Malformed):
-        raise ValueError(f"malformed request: {request.error}")
-
-
 class ErrorMapping(grpc.ServerInterceptor):
     """Turns any exception from a handler into ``context.abort(code, message)`` (see ``status_of``), and an
     unparseable request into INVALID_ARGUMENT."""
@@ -131,7 +107,7 @@ class ErrorMapping(grpc.ServerInterceptor):
         def wrap_unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
-                    _check_parsed(request)
+                    check_parsed(request)
                     return fn(request, context)
                 except Exception as e:  # noqa: BLE001 - every error becomes a status; the server lives on
                     self._abort(context, e, method)
@@ -140,13 +116,13 @@ class ErrorMapping(grpc.ServerInterceptor):
         def wrap_stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Iterator[Any]]:
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
-                    _check_parsed(request)
+                    check_parsed(request)
                     yield from fn(request, context)
                 except Exception as e:  # noqa: BLE001
                     self._abort(context, e, method)
             return call
 
-        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        handler = handler._replace(request_deserializer=tolerant(handler.request_deserializer))
         return _wrap_handler(handler, wrap_unary, wrap_stream)
 
 
