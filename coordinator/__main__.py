@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from coordinator.config import CoordinatorConfig, default_device
+from coordinator.config import DECODE_MODES, CoordinatorConfig, default_device
 
 log = logging.getLogger("coordinator")
 
@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
     p.add_argument("--fetch-workers", type=_positive_int, default=4, help="expert transfers in flight")
     p.add_argument("--fetch-timeout-s", type=float, default=30.0, help="per-expert fetch timeout")
+    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="single-token steps: CUDA graphs over static buffers, the same without graphs, or "
+                   "transformers' forward (auto: graphs where they apply)")
     p.add_argument("--no-zero-copy", action="store_true",
                    help="never read co-located workers' shared memory directly")
     p.add_argument("--wait-workers-s", type=float, default=600.0,
@@ -78,7 +81,7 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> CoordinatorC
         gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, attn_bits=args.attn_bits,
         max_seq_len=args.max_seq_len, max_queue=getattr(args, "max_queue", 16),
         fetch_workers=args.fetch_workers, fetch_timeout_s=args.fetch_timeout_s,
-        zero_copy=not args.no_zero_copy).with_(**overrides)
+        zero_copy=not args.no_zero_copy, decode=args.decode).with_(**overrides)
 
 
 def open_source(args: argparse.Namespace) -> object:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 GIB = 2**30
+DECODE_MODES = ("auto", "graphs", "static", "transformers")
 
 
 def default_device() -> str:
@@ -40,6 +41,11 @@ class CoordinatorConfig:
     """Expert transfers in flight at once (threads calling ExpertSource.fetch_into)."""
     fetch_timeout_s: float = 30.0
     """Per-expert fetch timeout; beyond it the request fails with UNAVAILABLE."""
+    decode: str = "auto"
+    """How single-token decode steps run: "graphs" (static buffers replayed as CUDA graphs, ``coordinator.decode``;
+    needs CUDA, the fused expert kernels and ``experts_per_layer`` >= experts per token), "static" (the same
+    code without graphs), "transformers" (the model's own forward), "auto" (graphs where they apply, else
+    transformers). Prefill always runs transformers' forward."""
     zero_copy: bool = True
     """Copy straight from a co-located worker's shared memory when the source offers it (else always fetch
     through the source's transport into staging)."""
@@ -55,6 +61,8 @@ class CoordinatorConfig:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.attn_bits not in (4, 8, 16):
             raise ValueError(f"attn_bits must be 4, 8 or 16, got {self.attn_bits}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if self.max_queue < 0 or self.fetch_workers < 1:
             raise ValueError("max_queue must be >= 0 and fetch_workers >= 1")
 

@@ -8,6 +8,7 @@ called from any thread.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
 from coordinator.cache import ExpertCache
 from coordinator.config import GIB, CoordinatorConfig
+from coordinator.decode import StaticDecoder, graphs_apply
 from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, Sampler,
                                   TokenEvent, validate)
 from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
@@ -64,6 +66,21 @@ def eos_ids(ckpt: Path, config: Any) -> set[int]:
     return set() if eos is None else set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
+def _kv_tensors(kv: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer keys and values [1, kv_heads, T, head_dim] of a transformers 5 cache."""
+    return [layer.keys for layer in kv.layers], [layer.values for layer in kv.layers]
+
+
+def _attention_backends(device: torch.device) -> Any:
+    """SDPA without the cuDNN backend on CUDA: it spent ~1.9 ms of CPU per decode call on the H200 (a new
+    plan per sequence length), more than the whole layer's GPU work. Flash / memory-efficient / math remain."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def check_layout(layout: ExpertLayout, config: Any) -> None:
     """The workers must serve the model the coordinator loaded."""
     want = (config.num_hidden_layers, config.num_local_experts, config.hidden_size, config.intermediate_size)
@@ -97,6 +114,8 @@ class Coordinator:
                                    workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
                                    zero_copy=config.zero_copy)
         self.runner = ExpertRunner(self.model, self.cache, self.transfers, manifests, config.prefetch)
+        self.decoder = self._make_decoder()
+        self._decoding: weakref.ref[DynamicCache] | None = None  # the request whose K/V the decoder holds
         self.tokenizer = load_tokenizer(self.ckpt)
         self._max_token_chars: int | None = None  # longest vocabulary entry, computed on first use
         self._live_kv: weakref.WeakSet[DynamicCache] = weakref.WeakSet()  # KV caches still referenced
@@ -224,10 +243,33 @@ class Coordinator:
         return kv
 
     def step(self, ids: Sequence[int], kv: DynamicCache) -> torch.Tensor:
-        """One forward pass over ``ids`` appended to the KV cache; the last position's logits [V] (float32)."""
-        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
-        return out.logits[0, -1].float()
+        """One forward pass over ``ids`` appended to the KV cache; the last position's logits [V] (float32).
+        Single-token steps after the prefill go to the static decoder when there is one: it takes the
+        request's K/V over at its first step and keeps it from then on."""
+        held = self._decoding() if self._decoding is not None else None
+        with _attention_backends(self.device):
+            if self.decoder is not None and len(ids) == 1 and (held is kv or kv.get_seq_length() > 0):
+                if held is not kv:
+                    self.decoder.adopt(*_kv_tensors(kv))
+                    self._decoding = weakref.ref(kv)
+                return self.decoder.step(ids[0]).clone()
+            if held is kv:
+                raise RuntimeError("this KV cache is held by the static decoder: only single tokens may follow")
+            input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
+            return out.logits[0, -1].float()
+
+    def _make_decoder(self) -> StaticDecoder | None:
+        """The decode path the config asks for (``CoordinatorConfig.decode``)."""
+        mode, fits = self.config.decode, graphs_apply(self.runner, self.device)
+        if mode == "auto":
+            mode = "graphs" if fits else "transformers"
+        if mode == "transformers":
+            return None
+        if mode == "graphs" and not fits:
+            raise ValueError("decode 'graphs' needs CUDA, the fused Triton expert kernels (SiLU, 2/4/8-bit u8 "
+                             "experts) and at least as many cache slots per layer as experts per token")
+        return StaticDecoder(self.model, self.runner, self.max_positions, graphs=mode == "graphs")
 
     # -- stats ---------------------------------------------------------------------------------------
     def _count(self, key: str, n: float = 1) -> None:

@@ -162,12 +162,39 @@ class ExpertRunner:
             returns        [T, H]   sum_k weight[t, k] * expert_{index[t, k]}(x[t])
         """
         if layer == 0:
-            self._predicted.clear()  # guesses left over from a failed step must not be scored
+            self.begin_step()
+        return self.run_layer(layer, x, top_k_index, top_k_weights)
+
+    def begin_step(self) -> None:
+        """A new forward pass starts: guesses left over from a failed step must not be scored."""
+        self._predicted.clear()
+
+    def run_layer(self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One MoE block (shapes as in ``forward``): fetch what is missing, compute."""
         self._pump()
         routing = top_k_index.tolist()  # the layer's one device->host read; everything below plans from it
         used = sorted({e for row in routing for e in row})
         self._count_recall(layer, used, decode=x.shape[0] == 1)
         return self._moe(layer, x, routing, used, top_k_weights)
+
+    def resident_rows(self, layer: int, routing: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+        """For a caller that computes the layer itself (``coordinator.decode``'s CUDA graphs): makes every
+        routed expert resident, orders the compute stream after their copies and returns the arena row of each
+        (token, k) plus the buffers to pass to ``after_compute`` once the kernels reading them are queued."""
+        self._pump()
+        used = sorted({e for row in routing for e in row})
+        self._count_recall(layer, used, decode=len(routing) == 1)
+        rows = self._make_resident(layer, used)
+        buffers = sorted(set(rows.values()))
+        for buf in buffers:
+            self.transfers.before_compute(buf)
+        return [[rows[e] for e in row] for row in routing], buffers
+
+    def after_compute(self, buffers: list[int]) -> None:
+        """The kernels reading ``buffers`` are queued: their rows may be overwritten after them."""
+        for buf in buffers:
+            self.transfers.after_compute(buf)
 
     def _moe_per_expert(self, layer: int, x: torch.Tensor, routing: list[list[int]], used: list[int],
                         top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -200,6 +227,19 @@ class ExpertRunner:
         ``gpu_kernels.moe_ffn`` over the arena: two launches for the layer, no host sync."""
         if x.shape[0] > gk.GEMV_MAX_TOKENS or len(used) > self.cache.slots_per_layer:
             return self._moe_per_expert(layer, x, routing, used, top_k_weights)  # cannot hold them all at once
+        rows = self._make_resident(layer, used)
+        slots = self._to_device([[rows[e] for e in row] for row in routing], torch.int32)
+        buffers = sorted(set(rows.values()))
+        for buf in buffers:
+            self.transfers.before_compute(buf)
+        assert self.path.layout is not None
+        out = gk.moe_ffn(x, self.cache.arena, slots, top_k_weights, self.path.layout)
+        self.after_compute(buffers)
+        return out
+
+    def _make_resident(self, layer: int, used: list[int]) -> dict[int, int]:
+        """Every expert of ``used`` in an arena row of ``layer`` (misses land, prefetched ones join the LRU):
+        expert -> row. Needs len(used) <= slots_per_layer."""
         found = self.cache.lookup(layer, used)
         misses = [self._start(ExpertKey(layer, f.expert)) for f in found if f.buffer is None]
         rows = {f.expert: f.buffer for f in found if f.buffer is not None}
@@ -215,15 +255,7 @@ class ExpertRunner:
         for f in found:
             if f.prefetched:
                 self.cache.promote(layer, f.expert, protect)  # the row stays; only its owner changes
-        slots = self._to_device([[rows[e] for e in row] for row in routing], torch.int32)
-        buffers = sorted(set(rows.values()))
-        for buf in buffers:
-            self.transfers.before_compute(buf)
-        assert self.path.layout is not None
-        out = gk.moe_ffn(x, self.cache.arena, slots, top_k_weights, self.path.layout)
-        for buf in buffers:
-            self.transfers.after_compute(buf)
-        return out
+        return rows
 
     def _land_misses(self, layer: int, misses: list[Load], protect: set[int],
                      on_land: Callable[[int, int], None]) -> None:
@@ -281,9 +313,13 @@ class ExpertRunner:
         normed = nxt.post_attention_layernorm(hidden).reshape(-1, hidden.shape[-1])
         logits = F.linear(normed, nxt.mlp.gate.weight)  # [T, E]
         score = torch.softmax(logits.float(), dim=-1).sum(dim=0)  # [E]
-        ranked = score.argsort(descending=True).tolist()
-        self._predicted[layer + 1] = ranked
-        keep = {ExpertKey(layer + 1, e) for e in ranked[:self.prefetch]}
+        self.predict(layer + 1, score.argsort(descending=True).tolist())
+
+    def predict(self, layer: int, ranked: list[int]) -> None:
+        """Records the guess for ``layer`` (experts, most likely first; scored for recall when the layer
+        runs) and prefetches its top ``prefetch`` experts that are not cached."""
+        self._predicted[layer] = ranked
+        keep = {ExpertKey(layer, e) for e in ranked[:self.prefetch]}
         for key in sorted(keep, key=lambda k: ranked.index(k.expert)):
             if not self.cache.contains(key):
                 self._issue_prefetch(key, keep)

@@ -140,3 +140,43 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
     from coordinator.pinning import PROCESS_REGISTRY
 
     assert not any(id(e.transfers) in r.owners for e in (fast, slow) for r in PROCESS_REGISTRY.ranges)
+
+
+# -- the CUDA-graph decode path (coordinator.decode) -------------------------------------------------------
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy"), [(8, 0, True), (2, 2, True), (3, 1, False)])
+def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
+                                           prefetch: int, zero_copy: bool) -> None:
+    """decode "graphs" (static buffers, one CUDA graph per segment, experts from the arena) gives the logits of
+    transformers' own forward on the same engine settings, step after step, over requests that reuse the
+    captured graphs; the cache stays consistent and the counters add up."""
+    from expert_workers.format import INT2
+
+    store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xg"), progress=False).load()
+    src = make_source(stores=[store])
+    base = dict(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy)
+    graphs = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base))  # auto: graphs apply here
+    plain = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, decode="transformers"))
+    try:
+        assert graphs.decoder is not None and graphs.decoder.graphs_wanted
+        for prompt in ([5, 9, 33], list(range(10, 30)), [7]):
+            kv_g, kv_p = graphs.new_kv_cache(), plain.new_kv_cache()
+            with torch.inference_mode():
+                lg, lp = graphs.step(prompt, kv_g), plain.step(prompt, kv_p)
+                for _ in range(12):
+                    rel = float((lg - lp).norm() / lp.norm())
+                    assert rel < 2e-2, rel
+                    nxt = int(lp.argmax())  # both follow one token stream, so errors cannot compound
+                    lg, lp = graphs.step([nxt], kv_g), plain.step([nxt], kv_p)
+        assert graphs.decoder.graphs is not None
+        stats = graphs.runner.stats()
+        assert stats["expert_uses"] == stats["cache_hits"] + stats["cache_misses"] > 0
+        assert stats["prefetch_used"] <= stats["prefetch_issued"]
+        events = graphs.generate(GenerateParams(prompt_token_ids=(1, 2, 3), max_new_tokens=8, temperature=0.7, seed=3))
+        assert len(events) == 9 and events[-1].stats["generated_tokens"] == 8
+        graphs.cache.check()
+        x = torch.ones(4, device="cuda")
+        assert float(x.sum()) == 4.0
+    finally:
+        graphs.close()
+        plain.close()
+        store.close()

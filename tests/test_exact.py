@@ -67,11 +67,16 @@ def assert_matches(ckpt: Path, source: ExpertSource, reference: torch.nn.Module,
         engine.close()
 
 
-@pytest.mark.parametrize(("k", "prefetch", "zero_copy"),
-                         [(1, 0, True), (1, 2, False), (8, 0, False), (8, 2, True), (3, 3, False)])
-def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch: int, zero_copy: bool) -> None:
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "decode"),
+                         [(1, 0, True, "transformers"), (1, 2, False, "transformers"), (8, 0, False, "transformers"),
+                          (8, 2, True, "transformers"), (3, 3, False, "transformers"),
+                          (1, 2, True, "static"), (8, 0, False, "static"), (2, 1, False, "static")])
+def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch: int, zero_copy: bool,
+                    decode: str) -> None:
+    """decode "static" is coordinator.decode (the CUDA-graph code, run eagerly): same tokens as transformers."""
     reference = reference_model(tiny_ckpt)  # the checkpoint's own experts, as from_pretrained loads them
-    cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy)
+    cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy,
+                            decode=decode)
     stats = assert_matches(tiny_ckpt, tiny_exact, reference, TINY_PROMPTS, cfg)
     assert stats["cache_misses"] > 0
     if prefetch:
@@ -100,9 +105,9 @@ def test_quantized_matches_dequantized_reference(tiny_ckpt: Path, tmp_path: Path
         exact = reference_model(tiny_ckpt)
         differs = any(greedy(reference, p, NEW_TOKENS) != greedy(exact, p, NEW_TOKENS) for p in TINY_PROMPTS)
         assert differs, "quantization should change some tokens of a random model, or this test proves little"
-        for bits in (4, 8):
+        for bits, decode in ((4, "transformers"), (4, "static"), (8, "transformers")):
             ref = reference if bits == 4 else reference_model(tiny_ckpt, source, attn_bits=8)
-            cfg = CoordinatorConfig(attn_bits=bits, experts_per_layer=3, prefetch=2)
+            cfg = CoordinatorConfig(attn_bits=bits, experts_per_layer=3, prefetch=2, decode=decode)
             assert_matches(tiny_ckpt, source, ref, TINY_PROMPTS, cfg)
     finally:
         for s in stores:
@@ -110,15 +115,38 @@ def test_quantized_matches_dequantized_reference(tiny_ckpt: Path, tmp_path: Path
 
 
 @pytest.mark.skipif(not (CODE_MOE / "config.json").is_file(), reason="code-moe-22m not present")
-@pytest.mark.parametrize(("k", "prefetch"), [(1, 2), (8, 0)])
-def test_code_moe_exact(k: int, prefetch: int, tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize(("k", "prefetch", "decode"), [(1, 2, "static"), (8, 0, "transformers")])
+def test_code_moe_exact(k: int, prefetch: int, decode: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Learned routing, float16 checkpoint, tied embeddings, real tokenizer."""
     stores = open_stores(CODE_MOE, EXACT, 2, tmp_path_factory.mktemp("code-moe"))
     try:
         tokenizer = load_tokenizer(CODE_MOE)
         prompts = [tokenizer(p)["input_ids"] for p in ("def fibonacci(n):\n", "import os\nimport sys\n\nclass ")]
-        cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch)
+        cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch, decode=decode)
         assert_matches(CODE_MOE, make_source(stores=stores), reference_model(CODE_MOE), prompts, cfg)
     finally:
         for s in stores:
             s.close()
+
+
+def test_static_decoder_holds_its_request(tiny_ckpt: Path, tiny_exact: ExpertSource) -> None:
+    """The static decoder takes a request's K/V over at its first single-token step; a second request gets
+    the decoder afterwards (same logits as alone), the first may not go back to multi-token steps; graphs need
+    CUDA."""
+    with pytest.raises(ValueError, match="graphs"):
+        Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, decode="graphs"))
+    engine = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, decode="static"))
+    plain = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, decode="transformers"))
+    try:
+        with torch.inference_mode():
+            a, b, ref = engine.new_kv_cache(), engine.new_kv_cache(), plain.new_kv_cache()
+            engine.step([5, 9, 33], a)
+            engine.step([7], a)
+            engine.step([1, 2], b)
+            plain.step([1, 2], ref)
+            assert torch.allclose(engine.step([3], b), plain.step([3], ref), atol=1e-5)
+            with pytest.raises(RuntimeError, match="held by the static decoder"):
+                engine.step([4, 5], b)
+    finally:
+        engine.close()
+        plain.close()

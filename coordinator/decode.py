@@ -1,0 +1,220 @@
+"""Batch-1 decode over static buffers: transformers' Mixtral weights, one token per step, CUDA-graphed.
+
+transformers' eager forward costs ~50 kernel launches per layer plus Python per module (and, on the H200,
+~1.9 ms of CPU per cuDNN attention call): ~55 ms per Mixtral token before a single expert moves. This path
+computes the same function from the same modules' weights over buffers whose addresses never change, so
+each piece between two host decisions can be captured once as a CUDA graph and replayed.
+
+Shape legend (one token; L layers, H hidden, nh/nkv query/kv heads of d, G = nh/nkv, K experts per token,
+P guesses, S positions, V vocab):
+
+    x           [1, 1, H]        residual stream
+    q           [nkv, G, d]      the G query heads sharing kv head j, as G query rows (exact GQA, no repeat)
+    kv          [L, 2, nkv, S, d] keys / values after rotary; row p = position p
+    ffn_in[l]   [1, H]           post-attention-norm input of layer l's experts
+    ids/wts[l]  [1, K]           routed experts and their weights (layer l's own router)
+    slots[l]    [1, K]           arena rows of those experts (written by the host)
+    route_host  [L, K + P]       pinned: ids of layer l, then the guess for layer l+1
+
+A token is L+1 *segments*; segment l runs layer l−1's experts, then layer l's attention and router, and a
+guess of layer l+1's experts from the same post-attention state (layer l+1's router through its norm: the
+mixtral-offloading trick). Between segments the host reads ``route_host[l]`` (the one sync per layer),
+starts the prefetch of the guess, makes layer l's routed experts resident and writes their slots. Segment L
+runs the last experts, the final norm and lm_head.
+
+Eager mode (CPU, tests) runs the same segments without graphs; its experts go through
+``ExpertRunner.forward`` (hqq's exact path), so CPU tests check this code against transformers token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coordinator import gpu_kernels as gk
+from coordinator.moe import ExpertRunner, RECALL_TOP
+
+GUESS_TOP = max(RECALL_TOP)
+
+
+class StaticDecoder:
+    """Single-token steps for one sequence at a time, on the buffers of one coordinator."""
+
+    def __init__(self, model: nn.Module, runner: ExpertRunner, max_positions: int, graphs: bool) -> None:
+        cfg = model.config
+        self.model, self.runner, self.layers = model, runner, model.model.layers
+        attn = self.layers[0].self_attn
+        self.L, self.H, self.K = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok
+        self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+        self.scaling, self.window = attn.scaling, getattr(cfg, "sliding_window", None)
+        self.S, self.dev = max_positions, model.model.embed_tokens.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        self.P = min(cfg.num_local_experts, GUESS_TOP) if runner.prefetch > 0 else 0
+        self.graphs_wanted = graphs
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        dev, L, K = self.dev, self.L, self.K
+        self.kv = torch.zeros((L, 2, self.nkv, self.S, self.d), device=dev, dtype=self.dtype)
+        positions = torch.arange(self.S, device=dev)
+        cos, sin = model.model.rotary_emb(self.kv[0, 0, :1, :1], positions[None])  # [1, S, d] as transformers
+        self.cos, self.sin = cos[0], sin[0]
+        self.positions = positions
+        self.tok = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.x = torch.zeros((1, 1, self.H), device=dev, dtype=self.dtype)
+        self.ffn_in = torch.zeros((L, 1, self.H), device=dev, dtype=self.dtype)
+        self.ids = torch.zeros((L, 1, K), device=dev, dtype=torch.long)
+        self.wts = torch.zeros((L, 1, K), device=dev, dtype=torch.float32)
+        self.slots = torch.zeros((L, 1, K), device=dev, dtype=torch.int32)
+        self.logits = torch.zeros(cfg.vocab_size, device=dev, dtype=torch.float32)
+        pin = dev.type == "cuda"
+        self.route_host = torch.zeros((L, K + self.P), dtype=torch.long, pin_memory=pin)
+        self.slots_host = torch.zeros((L, K), dtype=torch.int32, pin_memory=pin)
+        self.length = 0  # positions filled (host mirror of ``pos``)
+
+    # -- sequence ------------------------------------------------------------------------------------
+    def adopt(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Takes over a sequence after its prefill: per layer K/V [1, nkv, T, d] (transformers' cache)."""
+        n = keys[0].shape[-2]
+        if n >= self.S:
+            raise ValueError(f"sequence of {n} positions leaves no room in {self.S}")
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.kv[layer, 0, :, :n].copy_(k[0])
+            self.kv[layer, 1, :, :n].copy_(v[0])
+        self.pos.fill_(n)
+        self.length = n
+
+    def step(self, token: int) -> torch.Tensor:
+        """Appends ``token`` and returns the next position's logits [V] (float32)."""
+        if self.length >= self.S:
+            raise ValueError(f"no position left: the decoder holds {self.S}")
+        if self.graphs_wanted and self.graphs is None:
+            self.graphs = self._capture()
+        self.tok.fill_(token)
+        self.runner.begin_step()
+        for seg in range(self.L + 1):
+            if seg > 0 and self.graphs is not None:
+                buffers = self._make_resident(seg - 1)
+            self._run(seg)
+            if seg > 0 and self.graphs is not None:
+                self.runner.after_compute(buffers)
+            if seg < self.L:
+                self._read_route(seg)
+        self.length += 1
+        return self.logits
+
+    # -- host, between segments ----------------------------------------------------------------------
+    def _read_route(self, layer: int) -> None:
+        """Layer ``layer``'s routed ids (and the guess for layer+1) reach the host; the guess is prefetched."""
+        if self.dev.type == "cuda":
+            torch.cuda.current_stream(self.dev).synchronize()
+        if self.P and layer + 1 < self.L:
+            self.runner.predict(layer + 1, self.route_host[layer, self.K:].tolist())
+
+    def _make_resident(self, layer: int) -> list[int]:
+        """Graph mode: layer's routed experts made resident; their arena rows go up to ``slots[layer]``."""
+        routing = [self.route_host[layer, :self.K].tolist()]
+        rows, buffers = self.runner.resident_rows(layer, routing)
+        self.slots_host[layer].copy_(torch.tensor(rows[0], dtype=torch.int32))
+        self.slots[layer, 0].copy_(self.slots_host[layer], non_blocking=True)
+        return buffers
+
+    # -- device segments -----------------------------------------------------------------------------
+    def _run(self, seg: int) -> None:
+        if self.graphs is not None:
+            self.graphs[seg].replay()
+        else:
+            self.segment(seg)
+
+    def segment(self, seg: int) -> None:
+        """Layer seg−1's experts, then layer seg's attention and routing (or, for seg = L, the logits)."""
+        if seg == 0:
+            self.x.copy_(self.model.model.embed_tokens(self.tok))
+        else:
+            self.x.add_(self._experts(seg - 1).view(1, 1, self.H))
+        if seg == self.L:
+            normed = self.model.model.norm(self.x)
+            self.logits.copy_(self.model.lm_head(normed)[0, -1].float())
+            self.pos.add_(1)
+            return
+        layer = self.layers[seg]
+        self.x.add_(self._attention(seg, layer.self_attn, layer.input_layernorm(self.x)))
+        normed = layer.post_attention_layernorm(self.x)
+        self.ffn_in[seg].copy_(normed.view(1, self.H))
+        # transformers' MixtralTopKRouter: softmax in float32, top-k, renormalized over the k
+        probs = torch.softmax(F.linear(normed.view(1, self.H), layer.mlp.gate.weight).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.K, dim=-1)
+        self.wts[seg].copy_(weights / weights.sum(dim=-1, keepdim=True))
+        self.ids[seg].copy_(ids)
+        self.route_host[seg, :self.K].copy_(ids[0], non_blocking=True)
+        if self.P and seg + 1 < self.L:
+            nxt = self.layers[seg + 1]
+            guess = F.linear(nxt.post_attention_layernorm(self.x).view(1, self.H), nxt.mlp.gate.weight)
+            self.route_host[seg, self.K:].copy_(torch.topk(guess.float(), self.P, dim=-1).indices[0],
+                                               non_blocking=True)
+
+    def _experts(self, layer: int) -> torch.Tensor:
+        """[1, H]: the routing-weighted experts of ``layer`` on ``ffn_in[layer]``."""
+        if self.graphs is not None or self._capturing:
+            layout = self.runner.path.layout
+            assert layout is not None
+            return gk.moe_ffn(self.ffn_in[layer], self.runner.cache.arena, self.slots[layer], self.wts[layer], layout)
+        return self.runner.run_layer(layer, self.ffn_in[layer], self.ids[layer], self.wts[layer])
+
+    def _attention(self, layer: int, attn: nn.Module, xn: torch.Tensor) -> torch.Tensor:
+        """[1, 1, H]: transformers' MixtralAttention for one token at position ``pos``, over the static cache."""
+        nh, nkv, d = self.nh, self.nkv, self.d
+        q = attn.q_proj(xn).view(nh, d)
+        k = attn.k_proj(xn).view(nkv, d)
+        v = attn.v_proj(xn).view(nkv, d)
+        cos, sin = self.cos[self.pos], self.sin[self.pos]  # [1, d]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        self.kv[layer, 0].index_copy_(1, self.pos, k[:, None, :])
+        self.kv[layer, 1].index_copy_(1, self.pos, v[:, None, :])
+        visible = self.positions <= self.pos
+        if self.window is not None:
+            visible &= self.positions > self.pos - self.window
+        out = F.scaled_dot_product_attention(q.view(nkv, nh // nkv, d), self.kv[layer, 0], self.kv[layer, 1],
+                                             attn_mask=visible[None, None, :], scale=self.scaling)
+        return attn.o_proj(out.reshape(1, 1, nh * d))
+
+    # -- CUDA graphs ---------------------------------------------------------------------------------
+    _capturing = False
+
+    def _capture(self) -> list[torch.cuda.CUDAGraph]:
+        """One graph per segment, captured at the current position (its K/V row is rewritten by the real
+        step); warm-up (Triton compiles) on a side stream first, as torch asks."""
+        saved_pos = self.pos.clone()
+        self._capturing = True
+        try:
+            self.slots.zero_()
+            side = torch.cuda.Stream(self.dev)
+            side.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(side):
+                for seg in range(self.L + 1):
+                    self.segment(seg)
+            torch.cuda.current_stream(self.dev).wait_stream(side)
+            pool = torch.cuda.graph_pool_handle()
+            graphs = []
+            for seg in range(self.L + 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.segment(seg)
+                graphs.append(graph)
+            torch.cuda.synchronize(self.dev)
+        finally:
+            self._capturing = False
+            self.pos.copy_(saved_pos)
+        return graphs
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def graphs_apply(runner: ExpertRunner, device: torch.device) -> bool:
+    """CUDA graphs need every decode step's experts computed by one ``moe_ffn`` over the arena: the layer
+    path, and room for all K routed experts of a token in a layer's slots."""
+    top_k = runner.layers[0].mlp.gate.top_k
+    return device.type == "cuda" and runner.path.layout is not None and runner.cache.slots_per_layer >= top_k
