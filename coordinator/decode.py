@@ -93,31 +93,32 @@ class StaticDecoder:
         self.tok.fill_(token)
         self.runner.begin_step()
         for seg in range(self.L + 1):
-            if seg > 0 and self.graphs is not None:
-                buffers = self._make_resident(seg - 1)
+            buffers = self._before_segment(seg) if self.graphs is not None else []
             self._run(seg)
-            if seg > 0 and self.graphs is not None:
-                self.runner.after_compute(buffers)
-            if seg < self.L:
-                self._read_route(seg)
+            self.runner.after_compute(buffers)
+            if seg < self.L and self.dev.type == "cuda":
+                torch.cuda.current_stream(self.dev).synchronize()  # route_host[seg] is on the host now
         self.length += 1
         return self.logits
 
     # -- host, between segments ----------------------------------------------------------------------
-    def _read_route(self, layer: int) -> None:
-        """Layer ``layer``'s routed ids (and the guess for layer+1) reach the host; the guess is prefetched."""
-        if self.dev.type == "cuda":
-            torch.cuda.current_stream(self.dev).synchronize()
-        if self.P and layer + 1 < self.L:
-            self.runner.predict(layer + 1, self.route_host[layer, self.K:].tolist())
-
-    def _make_resident(self, layer: int) -> list[int]:
-        """Graph mode: layer's routed experts made resident; their arena rows go up to ``slots[layer]``."""
-        routing = [self.route_host[layer, :self.K].tolist()]
-        rows, buffers = self.runner.resident_rows(layer, routing)
+    def _before_segment(self, seg: int) -> list[int]:
+        """Graph mode, before segment seg: layer seg−1's routed experts made resident (arena rows up to
+        ``slots``), then the prefetch of the guess for layer seg. In this order: a guess issued first could
+        take the spare buffer of a prefetched expert that layer seg−1 is about to use."""
+        if seg == 0:
+            return []
+        layer = seg - 1
+        rows, buffers = self.runner.resident_rows(layer, [self.route_host[layer, :self.K].tolist()])
         self.slots_host[layer].copy_(torch.tensor(rows[0], dtype=torch.int32))
         self.slots[layer, 0].copy_(self.slots_host[layer], non_blocking=True)
+        self._predict(seg)
         return buffers
+
+    def _predict(self, layer: int) -> None:
+        """Prefetches the guess for ``layer`` made in the previous segment (once that layer's experts ran)."""
+        if self.P and 0 < layer < self.L:
+            self.runner.predict(layer, self.route_host[layer - 1, self.K:].tolist())
 
     # -- device segments -----------------------------------------------------------------------------
     def _run(self, seg: int) -> None:
@@ -159,7 +160,9 @@ class StaticDecoder:
             layout = self.runner.path.layout
             assert layout is not None
             return gk.moe_ffn(self.ffn_in[layer], self.runner.cache.arena, self.slots[layer], self.wts[layer], layout)
-        return self.runner.run_layer(layer, self.ffn_in[layer], self.ids[layer], self.wts[layer])
+        out = self.runner.run_layer(layer, self.ffn_in[layer], self.ids[layer], self.wts[layer])
+        self._predict(layer + 1)
+        return out
 
     def _attention(self, layer: int, attn: nn.Module, xn: torch.Tensor) -> torch.Tensor:
         """[1, 1, H]: transformers' MixtralAttention for one token at position ``pos``, over the static cache."""

@@ -204,9 +204,11 @@ def non_expert_bytes(model: nn.Module) -> int:
     from hqq.core.quantize import HQQLinear
 
     for m in model.modules():
-        if isinstance(m, HQQLinear):
-            total += m.W_q.numel() * m.W_q.element_size()
-            total += sum(v.numel() * v.element_size() for v in m.meta.values() if isinstance(v, torch.Tensor))
+        if isinstance(m, HQQLinear):  # W_q may be a parameter (counted above); scale/zero live in meta
+            for t in [m.W_q, *(v for v in m.meta.values() if isinstance(v, torch.Tensor))]:
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
     return total
 
 

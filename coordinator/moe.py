@@ -18,6 +18,7 @@ residual stream and prefetches the top ``prefetch`` experts that are not cached 
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -339,6 +340,13 @@ class ExpertRunner:
             return
         self.cache.counters.prefetch_issued += 1
         self._prefetch_loads[key] = (load, buf)
+
+    def settle(self) -> None:
+        """Waits for every prefetch still on its way and lands it (counters final; tests, shutdown)."""
+        for load in self._unlanded_prefetches():
+            if load.future is not None:
+                cf.wait([load.future])
+        self._pump()
 
     def _unlanded_prefetches(self) -> list[Load]:
         return [ld for ld, _ in self._prefetch_loads.values()] + self._orphans

@@ -149,11 +149,13 @@ class Transfers:
         try:
             if load.future is not None:
                 load.manifest = load.future.result()
-            self.bytes_fetched += load.manifest.nbytes  # it left the expert side, used or not
+            if load.host is None:
+                self.bytes_fetched += load.manifest.nbytes  # it crossed the transport, used or not
             if buffer is not None:
                 src = load.host if load.host is not None else self._staging[load.staging]  # type: ignore[index]
                 self._copy(src[:load.manifest.nbytes], buffer, load.staging)
-                if load.host is not None:
+                if load.host is not None:  # moved straight out of the worker's shared memory
+                    self.bytes_fetched += load.manifest.nbytes
                     self.bytes_zero_copy += load.manifest.nbytes
         finally:
             self._release(load)

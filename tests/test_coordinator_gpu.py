@@ -110,7 +110,8 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
 
     store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("x2"), progress=False).load()
     src = make_source(stores=[store])
-    cfg = CoordinatorConfig(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy)
+    cfg = CoordinatorConfig(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy,
+                            decode="transformers")  # the graph decoder has its own test below
     fast, slow = Coordinator(kernel_ckpt, src, cfg), Coordinator(kernel_ckpt, src, cfg)
     try:
         assert fast.runner.path.name == "gemv_layer"
