@@ -71,6 +71,7 @@ class StaticDecoder:
         self.route_host = torch.zeros((L, K + self.P), dtype=torch.long, pin_memory=pin)
         self.slots_host = torch.zeros((L, K), dtype=torch.int32, pin_memory=pin)
         self.length = 0  # positions filled (host mirror of ``pos``)
+        self._stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
 
     # -- sequence ------------------------------------------------------------------------------------
     def adopt(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -96,8 +97,8 @@ class StaticDecoder:
             buffers = self._before_segment(seg) if self.graphs is not None else []
             self._run(seg)
             self.runner.after_compute(buffers)
-            if seg < self.L and self.dev.type == "cuda":
-                torch.cuda.current_stream(self.dev).synchronize()  # route_host[seg] is on the host now
+            if seg < self.L and self._stream is not None:
+                self._stream.synchronize()  # route_host[seg] is on the host now
         self.length += 1
         return self.logits
 
