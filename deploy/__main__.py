@@ -1,6 +1,7 @@
 """``python -m deploy``: run the MoE serving system on a Ray cluster.
 
     python -m deploy up --model M --workers N [--replicas R] [--port P] [--expert-bits B] [--attn-bits B] ...
+                        [--auth-token-file F] [--tls-cert PEM --tls-key PEM --tls-root PEM]
     python -m deploy status [--json]
     python -m deploy scale N [--replicas R]
     python -m deploy down
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from deploy.spec import ATTN_BITS, EXPERT_BITS, NAMESPACE, DeployError, DeploySpec
@@ -40,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--prefetch", type=int, default=2, help="next-layer experts to prefetch, 0 = off [2]")
     up.add_argument("--expert-host", type=float, default=1.0,
                     help="units of the expert_host resource per worker [1]")
+    up.add_argument("--auth-token-file", default=None, metavar="FILE",
+                    help="shared token (same path on every node): workers and coordinator require it, workers "
+                         "bind their node's IP so other machines reach them [none: loopback only]")
+    up.add_argument("--tls-cert", default=None, metavar="PEM",
+                    help="server certificate of workers and coordinator (same path on every node): TLS on")
+    up.add_argument("--tls-key", default=None, metavar="PEM", help="its private key (same path on every node)")
+    up.add_argument("--tls-root", default=None, metavar="PEM",
+                    help="CA certificate that signed --tls-cert (the certificate itself when self-signed)")
     up.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for SERVING [1800]")
     st = sub.add_parser("status", help="the coordinator and every worker: node, pid, address, shard, health")
     st.add_argument("--json", action="store_true", help="machine-readable output")
@@ -74,7 +84,8 @@ def print_status(report: dict[str, Any]) -> None:
     console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe: never truncate columns
     console.print(f"coordinator {c['address']}  health {c['health']}  node {c['node']}  pid {c['pid']}  "
                   f"model {c['model']} on {c['device']}  {c['workers']} shards x {c['replicas']} replicas  "
-                  f"experts {c['expert_bits']}-bit  attention {c['attn_bits']}-bit  generation {c['generation']}")
+                  f"experts {c['expert_bits']}-bit  attention {c['attn_bits']}-bit  generation {c['generation']}  "
+                  f"auth {'token' if c['auth'] else 'none'}  tls {'on' if c['tls'] else 'off'}")
     table = Table("worker", "node", "pid", "address", "shards", "replica", "health", "bytes")
     for w in report["workers"]:
         table.add_row(w["name"], w["node"], str(w["pid"]), str(w["address"]), w["shards"], str(w["replica"]),
@@ -82,16 +93,28 @@ def print_status(report: dict[str, Any]) -> None:
     console.print(table)
 
 
+def _absolute(path: str | None) -> str | None:
+    """A file path as every process of the deployment must see it (they run in other directories)."""
+    return str(Path(path).expanduser().absolute()) if path else None
+
+
+def _spec(args: argparse.Namespace) -> DeploySpec:
+    return DeploySpec(model=args.model, workers=args.workers, replicas=args.replicas, port=args.port,
+                      host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
+                      attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
+                      gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, namespace=args.namespace,
+                      expert_host=args.expert_host, auth_token_file=_absolute(args.auth_token_file),
+                      tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),
+                      tls_root=_absolute(args.tls_root), ready_timeout_s=args.timeout)
+
+
 def _run(args: argparse.Namespace) -> int:
     from deploy.cluster import connect, prepare_loopback_env
 
     spec = None
     if args.command == "up":  # validate the settings before touching the cluster
-        spec = DeploySpec(model=args.model, workers=args.workers, replicas=args.replicas, port=args.port,
-                          host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
-                          attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
-                          gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, namespace=args.namespace,
-                          expert_host=args.expert_host, ready_timeout_s=args.timeout)
+        spec = _spec(args)
+        spec.check_files()
     elif args.command == "scale" and (args.workers < 1 or (args.replicas is not None and args.replicas < 1)):
         raise ValueError("scale needs N >= 1 (and --replicas >= 1)")
     prepare_loopback_env(args.address)  # before `ray` is imported

@@ -38,6 +38,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-bits", type=int, default=16, help="hqq bits of experts; 16 = unquantized [16]")
     p.add_argument("--attn-bits", type=int, default=16, help="hqq bits of attention; 16 = unquantized [16]")
     p.add_argument("--experts-per-layer", type=int, default=4, help="coordinator cache slots per layer [4]")
+    p.add_argument("--auth-token-file", default=None, metavar="FILE",
+                   help="deploy with this shared token (workers and coordinator require it) [none]")
 
 
 def _step(title: str) -> None:
@@ -63,10 +65,11 @@ def _run_cli(args: list[str], env: dict[str, str], timeout_s: float) -> str:
     return "".join(out)
 
 
-def _generate(address: str, prompt: str, max_new_tokens: int) -> dict[str, float | int]:
+def _generate(address: str, prompt: str, max_new_tokens: int, token_file: str | None) -> dict[str, float | int]:
     from client import Client
+    from expert_workers.security import load_token
 
-    with Client(address, timeout_s=600) as c:
+    with Client(address, timeout_s=600, token=load_token(token_file)) as c:
         print(f"prompt: {prompt}", flush=True)
         print("output: ", end="", flush=True)
         tokens = c.stream(prompt, max_new_tokens=max_new_tokens, temperature=0.0)
@@ -87,16 +90,18 @@ def run_demo(args: argparse.Namespace) -> int:
     ray_head.start()
     try:
         _step(f"deploy up: {args.model}, {args.workers} expert workers")
+        # absolute: `deploy up` runs in the repository, not in the caller's directory
+        auth = ["--auth-token-file", str(Path(args.auth_token_file).absolute())] if args.auth_token_file else []
         out = _run_cli(["deploy", "up", "--model", args.model, "--workers", str(args.workers),
                         "--port", str(free_port()), "--expert-bits", str(args.expert_bits),
-                        "--attn-bits", str(args.attn_bits), "--experts-per-layer", str(args.experts_per_layer)],
-                       env, timeout_s=1800)
+                        "--attn-bits", str(args.attn_bits), "--experts-per-layer", str(args.experts_per_layer),
+                        *auth], env, timeout_s=1800)
         deployed = True
         match = ADDRESS_LINE.search(out)
         if not match:
             raise RuntimeError("deploy up did not print `coordinator: HOST:PORT`")
         _step(f"generating through the client ({match.group(1)})")
-        _generate(match.group(1), args.prompt, args.max_new_tokens)
+        _generate(match.group(1), args.prompt, args.max_new_tokens, args.auth_token_file)
         _step("deploy status")
         _run_cli(["deploy", "status"], env, timeout_s=120)
     finally:

@@ -54,10 +54,13 @@ def _prepare_model(spec: DeploySpec, report: Report) -> None:
 def _start_workers(spec: DeploySpec, generation: int, report: Report) -> tuple[list[str], list[str]]:
     """Creates generation ``generation``'s N x R worker actors and waits until all serve; returns their names
     and addresses. On failure every actor it created is removed again."""
-    from expert_workers.actor import EXPERT_HOST_RESOURCE, ExpertWorker
+    from expert_workers.actor import EXPERT_HOST_RESOURCE, NODE_IP, ExpertWorker
     from expert_workers.server import ServerConfig
 
-    server = ServerConfig(host=spec.worker_host or "127.0.0.1")
+    # With a token the workers may bind an address other machines reach; each actor reads the files on its node.
+    host = spec.worker_host or (NODE_IP if spec.auth_token_file else "127.0.0.1")
+    server = ServerConfig(host=host, auth_token_file=spec.auth_token_file, tls_cert=spec.tls_cert,
+                          tls_key=spec.tls_key)
     names, handles = [], []
     try:
         for shard, replica in spec.shards():
@@ -147,8 +150,8 @@ def up(spec: DeploySpec, report: Report = print) -> dict[str, Any]:
         ).remote(spec, device)
         report(f"starting the coordinator ({device}) ...")
         state = ray.get(host.start.remote(spec, 0, names, addresses, spec.ready_timeout_s))
-        with Client(state["address"], timeout_s=10) as c:
-            c.wait_ready(timeout_s=60)
+        with Client(state["address"], timeout_s=10, tls_root_cert=spec.tls_root) as c:
+            c.wait_ready(timeout_s=60)  # health: open without the token
     except BaseException:
         down(spec.namespace, report=lambda _: None)
         raise
@@ -196,7 +199,8 @@ def down(namespace: str, report: Report = print) -> list[str]:
     return removed
 
 
-def _worker_row(name: str, namespace: str, known: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _worker_row(name: str, namespace: str, known: dict[str, dict[str, Any]],
+                tls_root: str | None = None) -> dict[str, Any]:
     from client import Client, ClientError
 
     row: dict[str, Any] = {"name": name, "node": "?", "pid": None, "address": None, "shards": "?",
@@ -209,7 +213,7 @@ def _worker_row(name: str, namespace: str, known: dict[str, dict[str, Any]]) -> 
     row.update(node=node_label(node_id, known), pid=info.pid, address=address, shards=str(info.shard),
                replica=info.replica, bytes=int(info.bytes_held))
     try:
-        with Client(address, timeout_s=5) as c:
+        with Client(address, timeout_s=5, tls_root_cert=tls_root) as c:
             row["health"] = c.health()
     except ClientError as e:
         row["health"] = e.code
@@ -232,11 +236,13 @@ def status(namespace: str) -> dict[str, Any]:
                              "model": spec["model"], "device": state["device"], "workers": spec["workers"],
                              "replicas": spec["replicas"], "expert_bits": spec["expert_bits"],
                              "attn_bits": spec["attn_bits"], "generation": state["generation"],
-                             "restarts": state["restarts"]}
+                             "restarts": state["restarts"], "auth": bool(spec.get("auth_token_file")),
+                             "tls": bool(spec.get("tls_cert"))}
     if state["address"] and state["running"]:
         try:
-            with Client(state["address"], timeout_s=5) as c:
+            with Client(state["address"], timeout_s=5, tls_root_cert=spec.get("tls_root")) as c:
                 coord["health"] = c.health()
         except ClientError as e:
             coord["health"] = e.code
-    return {"coordinator": coord, "workers": [_worker_row(n, namespace, known) for n in state["worker_names"]]}
+    workers = [_worker_row(n, namespace, known, spec.get("tls_root")) for n in state["worker_names"]]
+    return {"coordinator": coord, "workers": workers}

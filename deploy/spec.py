@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 NAMESPACE = "moe-serving"
 """Ray namespace of a deployment's named actors (``--namespace`` picks another, for several deployments)."""
@@ -32,7 +34,7 @@ class DeploySpec:
     port: int = 50051
     """Coordinator gRPC port (0: a free one, then kept across ``scale``)."""
     host: str = "127.0.0.1"
-    """Interface the coordinator binds (anything but loopback needs an auth token)."""
+    """Interface the coordinator binds (anything but loopback needs ``auth_token_file``)."""
     expert_bits: int = 2
     """hqq bits of the experts; 16 = unquantized (exact mode with ``attn_bits`` 16)."""
     group_size: int = 64
@@ -52,7 +54,20 @@ class DeploySpec:
     expert_host: float = 1.0
     """Units of the ``expert_host`` resource one worker takes (a node offering 4 holds 4 workers)."""
     worker_host: str | None = None
-    """Interface expert workers bind; None: their node's Ray IP (127.0.0.1 on a loopback cluster)."""
+    """Interface expert workers bind; None: their node's Ray IP with ``auth_token_file`` (reachable from other
+    machines), else 127.0.0.1 (only a coordinator on the same machine reaches them)."""
+    auth_token_file: str | None = None
+    """Shared token file (absolute path, present on every node that runs a worker or the coordinator; each
+    process reads it itself, so the secret never travels through Ray or a command line). Expert workers require
+    the token from every caller, the coordinator sends it to them and requires it from its own clients."""
+    tls_cert: str | None = None
+    """Server certificate chain (PEM path on every node) of the workers and the coordinator: TLS on both hops.
+    It must name the addresses they bind (a certificate per host at the same path works)."""
+    tls_key: str | None = None
+    """Private key of ``tls_cert`` (PEM path on every node)."""
+    tls_root: str | None = None
+    """CA certificate (PEM path) that signed ``tls_cert`` (the certificate itself when self-signed): how the
+    coordinator, ``deploy status`` and ``up`` verify the servers."""
     ready_timeout_s: float = 1800.0
     """How long ``up``/``scale`` wait for workers to load and the coordinator to serve."""
 
@@ -67,6 +82,31 @@ class DeploySpec:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.device not in (None, "cuda", "cpu") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        tls = (self.tls_cert, self.tls_key, self.tls_root)
+        if any(tls) and not all(tls):
+            raise ValueError("TLS needs all of --tls-cert, --tls-key and --tls-root (the CA that signed the "
+                             "certificate; the certificate itself when it is self-signed)")
+        for path in (self.auth_token_file, *tls):
+            if path is not None and not os.path.isabs(path):
+                raise ValueError(f"{path} must be an absolute path (it is read on other nodes, in other "
+                                 "directories)")
+
+    def check_files(self) -> None:
+        """Reads the token and TLS files here, as the coordinator on this node will: ValueError for a missing or
+        empty one, before anything starts. (Workers on other nodes read their own copies.)"""
+        from expert_workers.security import load_token
+
+        try:
+            if self.auth_token_file:
+                load_token(self.auth_token_file)  # checked, not kept: the processes read it themselves
+            for path in (self.tls_cert, self.tls_key, self.tls_root):
+                if path is not None:
+                    Path(path).read_bytes()
+        except OSError as e:
+            raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
 
     def with_(self, **changes: object) -> DeploySpec:
         """A copy with some fields changed (validated again)."""
@@ -96,4 +136,8 @@ class DeploySpec:
             args += ["--experts-per-layer", str(self.experts_per_layer)]
         elif self.gpu_memory_gb is not None:
             args += ["--gpu-memory-gb", str(self.gpu_memory_gb)]
+        if self.auth_token_file:  # the path, never the token: command lines are world-readable (ps)
+            args += ["--auth-token-file", self.auth_token_file]
+        if self.tls_cert and self.tls_key and self.tls_root:
+            args += ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--worker-tls-root", self.tls_root]
         return args

@@ -18,6 +18,7 @@ cache, reports NOT_SERVING until ready, and (with ``port=0``) listens on a new p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 EXPERT_HOST_RESOURCE = "expert_host"
 """Custom Ray resource of nodes that may hold expert workers (``ray start --resources='{"expert_host": N}'``)."""
+NODE_IP = "ray-node-ip"
+"""``ServerConfig.host`` value that binds the address Ray knows the actor's node by, resolved on that node: the
+one address both reachable from the other machines of the cluster and specific to this host."""
 
 
 class ExpertWorkerActor:
@@ -48,13 +52,17 @@ class ExpertWorkerActor:
         cache_dir: quantized-expert cache directory on the node (default ``$MOE_CACHE_DIR/experts``).
         storage: ``"ray"`` (object store, ``object_refs()``) or ``"shm"`` (POSIX shm: zero-copy for plain
             RemoteSource readers on the node, no Ray needed on their side).
-        server: gRPC options (host, port, threads, auth token, TLS paths, test-only faults); default 127.0.0.1,
-            a free port. A non-loopback host without ``auth_token`` is refused (ValueError).
+        server: gRPC options (host, port, threads, auth token file, TLS paths, test-only faults); default
+            127.0.0.1, a free port. ``host=NODE_IP`` binds this node's Ray IP. Files are read here, on the
+            actor's node. A non-loopback host without a token is refused (ValueError).
         """
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        server = server or ServerConfig()
+        if server.host == NODE_IP:
+            server = dataclasses.replace(server, host=ray.util.get_node_ip_address())
         self._store = ExpertStore(model, shard, QuantSpec(bits=bits, group_size=group_size), replica=replica,
                                   cache_dir=cache_dir, storage=storage, progress=False)
-        self._server = WorkerServer(self._store, server or ServerConfig())
+        self._server = WorkerServer(self._store, server)
         self._server.start()
         self._loaded = threading.Event()
         self._stopping = threading.Event()
@@ -138,8 +146,9 @@ def start_expert_worker(model: str, shard: str = "0/1", *, bits: int = 2, group_
     num_cpus: CPUs reserved for it (0: it mostly copies memory and waits on sockets).
     name/namespace/detached: a named (optionally detached) actor, so deploy tools can find it again with
         ``ray.get_actor(name, namespace)`` and it outlives the driver that created it.
-    server: must pickle: give the token and TLS files as ``auth_token``/``tls_cert``/``tls_key`` (the actor builds
-        the credentials and the auth interceptor itself), not as prebuilt ``credentials``/``interceptors``.
+    server: must pickle: give the token and TLS as files (``auth_token_file``/``tls_cert``/``tls_key``, paths on
+        the actor's node: the secret itself never travels through Ray), not as prebuilt
+        ``credentials``/``interceptors``; the actor builds the credentials and the auth interceptor itself.
     """
     options: dict[str, Any] = {"max_restarts": max_restarts, "max_task_retries": max_task_retries,
                                "resources": {EXPERT_HOST_RESOURCE: expert_host}, "num_cpus": num_cpus,

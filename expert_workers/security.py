@@ -15,7 +15,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ class SecurityConfig:
 
     host: str = "127.0.0.1"
     """Address to bind."""
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log line
     """Shared secret callers must present; required when ``host`` is not loopback."""
     tls_cert: Path | None = None
     """Server certificate chain (PEM); with ``tls_key`` turns TLS on."""

@@ -8,7 +8,9 @@ The bind follows ``expert_workers.security``: loopback unless told otherwise, a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from expert_workers import wire
-from expert_workers.security import SecurityConfig, server_interceptors
+from expert_workers.security import SecurityConfig, load_token, server_interceptors
 from expert_workers.service import ErrorMapping, ExpertServicer, FaultInjection, FaultInjectionInterceptor
 from expert_workers.store import ExpertStore
 
@@ -39,8 +41,11 @@ class ServerConfig:
     """gRPC send/receive message size limit."""
     grace_s: float = 5.0
     """On stop, in-flight RPCs get this long to finish."""
-    auth_token: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # a secret: never in a repr or a log line
     """Shared secret every call must carry (``authorization: Bearer ...``); required for a non-loopback host."""
+    auth_token_file: str | None = None
+    """File holding ``auth_token``, read where the server starts (``resolved()``): a Ray actor gets the path,
+    never the secret, and re-reads it when Ray restarts it."""
     tls_cert: str | None = None
     """Server certificate chain (PEM file); with ``tls_key`` turns TLS on. Paths, so the config pickles (Ray)."""
     tls_key: str | None = None
@@ -50,14 +55,27 @@ class ServerConfig:
     interceptors: Sequence[grpc.ServerInterceptor] = ()
     """Extra interceptors that run first (outermost)."""
 
+    fault: FaultInjection = field(default_factory=FaultInjection)
+    """Test-only fault injection; off by default."""
+
     @property
     def security(self) -> SecurityConfig:
         """The bind/auth/TLS policy of this config (``validate()`` refuses a non-loopback host without a token)."""
         return SecurityConfig(host=self.host, token=self.auth_token,
                               tls_cert=Path(self.tls_cert) if self.tls_cert else None,
                               tls_key=Path(self.tls_key) if self.tls_key else None)
-    fault: FaultInjection = field(default_factory=FaultInjection)
-    """Test-only fault injection; off by default."""
+
+    def resolved(self) -> ServerConfig:
+        """This config with ``auth_token_file`` read into ``auth_token`` (ValueError if it is missing or empty
+        here: the file must exist on every node that runs a worker)."""
+        if self.auth_token_file is None:
+            return self
+        try:
+            token = load_token(self.auth_token_file)
+        except OSError as e:
+            raise ValueError(f"cannot read the auth token file {self.auth_token_file} on {socket.gethostname()}: "
+                             f"{e.strerror or e}") from None
+        return dataclasses.replace(self, auth_token=token, auth_token_file=None)
 
 
 def _bind_address(host: str, port: int) -> str:
@@ -68,7 +86,9 @@ class WorkerServer:
     """gRPC server for one ExpertStore: ``start()`` binds at once; ``set_serving(True)`` once loaded."""
 
     def __init__(self, store: ExpertStore, config: ServerConfig = ServerConfig()) -> None:
-        """Raises ValueError for a bind the security policy refuses (before anything is bound)."""
+        """Raises ValueError for a bind the security policy refuses (before anything is bound) or an unreadable
+        ``auth_token_file``."""
+        config = config.resolved()
         config.security.validate()
         self.store = store
         self.config = config
