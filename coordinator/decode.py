@@ -22,6 +22,10 @@ mixtral-offloading trick). Between segments the host reads ``route_host[l]`` (th
 starts the prefetch of the guess, makes layer l's routed experts resident and writes their slots. Segment L
 runs the last experts, the final norm and lm_head.
 
+Attention reads only the first ``span`` positions of the cache: the smallest power of two (≥ MIN_SPAN) that
+holds the sequence, so a 32k-position model decoding a short chat does not scan 32k keys per layer; graphs
+are captured once per span, when a sequence first needs it.
+
 Eager mode (CPU, tests) runs the same segments without graphs; its experts go through
 ``ExpertRunner.forward`` (hqq's exact path), so CPU tests check this code against transformers token for token.
 """
@@ -36,6 +40,7 @@ from coordinator import gpu_kernels as gk
 from coordinator.moe import ExpertRunner, RECALL_TOP
 
 GUESS_TOP = max(RECALL_TOP)
+MIN_SPAN = 256
 
 
 class StaticDecoder:
@@ -52,7 +57,9 @@ class StaticDecoder:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.P = min(cfg.num_local_experts, GUESS_TOP) if runner.prefetch > 0 else 0
         self.graphs_wanted = graphs
-        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # span -> one graph per segment
+        self._pool: object | None = None  # one CUDA graph memory pool shared by every span's graphs
+        self.span = min(MIN_SPAN, max_positions)
         dev, L, K = self.dev, self.L, self.K
         self.kv = torch.zeros((L, 2, self.nkv, self.S, self.d), device=dev, dtype=self.dtype)
         positions = torch.arange(self.S, device=dev)
@@ -89,14 +96,20 @@ class StaticDecoder:
         """Appends ``token`` and returns the next position's logits [V] (float32)."""
         if self.length >= self.S:
             raise ValueError(f"no position left: the decoder holds {self.S}")
-        if self.graphs_wanted and self.graphs is None:
-            self.graphs = self._capture()
+        self.span = self._span_for(self.length + 1)
+        graphs = self.graphs.get(self.span) if self.graphs_wanted else None
+        if self.graphs_wanted and graphs is None:
+            graphs = self.graphs[self.span] = self._capture()
         self.tok.fill_(token)
         self.runner.begin_step()
         for seg in range(self.L + 1):
-            buffers = self._before_segment(seg) if self.graphs is not None else []
-            self._run(seg)
-            self.runner.after_compute(buffers)
+            buffers = self._before_segment(seg) if graphs is not None else []
+            if graphs is not None:
+                graphs[seg].replay()
+                self.runner.after_compute(buffers)
+                self._predict(seg)  # after the replay is queued: this host work overlaps the segment
+            else:
+                self.segment(seg)
             if seg < self.L and self._stream is not None:
                 self._stream.synchronize()  # route_host[seg] is on the host now
         self.length += 1
@@ -105,15 +118,14 @@ class StaticDecoder:
     # -- host, between segments ----------------------------------------------------------------------
     def _before_segment(self, seg: int) -> list[int]:
         """Graph mode, before segment seg: layer seg−1's routed experts made resident (arena rows up to
-        ``slots``), then the prefetch of the guess for layer seg. In this order: a guess issued first could
-        take the spare buffer of a prefetched expert that layer seg−1 is about to use."""
+        ``slots``). The guess for layer seg is prefetched only after this: issued first, it could take the
+        spare buffer of a prefetched expert that layer seg−1 is about to use."""
         if seg == 0:
             return []
         layer = seg - 1
         rows, buffers = self.runner.resident_rows(layer, [self.route_host[layer, :self.K].tolist()])
         self.slots_host[layer].copy_(torch.tensor(rows[0], dtype=torch.int32))
         self.slots[layer, 0].copy_(self.slots_host[layer], non_blocking=True)
-        self._predict(seg)
         return buffers
 
     def _predict(self, layer: int) -> None:
@@ -121,13 +133,14 @@ class StaticDecoder:
         if self.P and 0 < layer < self.L:
             self.runner.predict(layer, self.route_host[layer - 1, self.K:].tolist())
 
-    # -- device segments -----------------------------------------------------------------------------
-    def _run(self, seg: int) -> None:
-        if self.graphs is not None:
-            self.graphs[seg].replay()
-        else:
-            self.segment(seg)
+    def _span_for(self, n: int) -> int:
+        """Cache positions attention reads for a sequence of ``n``: a power of two, at least MIN_SPAN, at most S."""
+        span = MIN_SPAN
+        while span < n:
+            span *= 2
+        return min(span, self.S)
 
+    # -- device segments -----------------------------------------------------------------------------
     def segment(self, seg: int) -> None:
         """Layer seg−1's experts, then layer seg's attention and routing (or, for seg = L, the logits)."""
         if seg == 0:
@@ -157,7 +170,7 @@ class StaticDecoder:
 
     def _experts(self, layer: int) -> torch.Tensor:
         """[1, H]: the routing-weighted experts of ``layer`` on ``ffn_in[layer]``."""
-        if self.graphs is not None or self._capturing:
+        if self.graphs_wanted:
             layout = self.runner.path.layout
             assert layout is not None
             return gk.moe_ffn(self.ffn_in[layer], self.runner.cache.arena, self.slots[layer], self.wts[layer], layout)
@@ -175,21 +188,21 @@ class StaticDecoder:
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         self.kv[layer, 0].index_copy_(1, self.pos, k[:, None, :])
         self.kv[layer, 1].index_copy_(1, self.pos, v[:, None, :])
-        visible = self.positions <= self.pos
+        span = self.span
+        positions = self.positions[:span]
+        visible = positions <= self.pos
         if self.window is not None:
-            visible &= self.positions > self.pos - self.window
-        out = F.scaled_dot_product_attention(q.view(nkv, nh // nkv, d), self.kv[layer, 0], self.kv[layer, 1],
-                                             attn_mask=visible[None, None, :], scale=self.scaling)
+            visible &= positions > self.pos - self.window
+        out = F.scaled_dot_product_attention(q.view(nkv, nh // nkv, d), self.kv[layer, 0, :, :span],
+                                             self.kv[layer, 1, :, :span], attn_mask=visible[None, None, :],
+                                             scale=self.scaling)
         return attn.o_proj(out.reshape(1, 1, nh * d))
 
     # -- CUDA graphs ---------------------------------------------------------------------------------
-    _capturing = False
-
     def _capture(self) -> list[torch.cuda.CUDAGraph]:
-        """One graph per segment, captured at the current position (its K/V row is rewritten by the real
-        step); warm-up (Triton compiles) on a side stream first, as torch asks."""
+        """One graph per segment for the current span, captured at the current position (its K/V row is
+        rewritten by the real step); warm-up (Triton compiles) on a side stream first, as torch asks."""
         saved_pos = self.pos.clone()
-        self._capturing = True
         try:
             self.slots.zero_()
             side = torch.cuda.Stream(self.dev)
@@ -198,16 +211,16 @@ class StaticDecoder:
                 for seg in range(self.L + 1):
                     self.segment(seg)
             torch.cuda.current_stream(self.dev).wait_stream(side)
-            pool = torch.cuda.graph_pool_handle()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             graphs = []
             for seg in range(self.L + 1):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=self._pool):
                     self.segment(seg)
                 graphs.append(graph)
             torch.cuda.synchronize(self.dev)
         finally:
-            self._capturing = False
             self.pos.copy_(saved_pos)
         return graphs
 

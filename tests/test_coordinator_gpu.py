@@ -146,11 +146,15 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
 # -- the CUDA-graph decode path (coordinator.decode) -------------------------------------------------------
 @pytest.mark.parametrize(("k", "prefetch", "zero_copy"), [(8, 0, True), (2, 2, True), (3, 1, False)])
 def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
-                                           prefetch: int, zero_copy: bool) -> None:
+                                           prefetch: int, zero_copy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """decode "graphs" (static buffers, one CUDA graph per segment, experts from the arena) gives the logits of
     transformers' own forward on the same engine settings, step after step, over requests that reuse the
-    captured graphs; the cache stays consistent and the counters add up."""
+    captured graphs and sequences that outgrow a span (new graphs); the cache stays consistent and the
+    counters add up."""
+    import coordinator.decode
     from expert_workers.format import INT2
+
+    monkeypatch.setattr(coordinator.decode, "MIN_SPAN", 16)  # spans 16, 32: the 20-token prompt crosses into 32
 
     store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xg"), progress=False).load()
     src = make_source(stores=[store])
@@ -168,7 +172,7 @@ def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: 
                     assert rel < 2e-2, rel
                     nxt = int(lp.argmax())  # both follow one token stream, so errors cannot compound
                     lg, lp = graphs.step([nxt], kv_g), plain.step([nxt], kv_p)
-        assert graphs.decoder.graphs is not None
+        assert sorted(graphs.decoder.graphs) == [16, 32]
         stats = graphs.runner.stats()
         assert stats["expert_uses"] == stats["cache_hits"] + stats["cache_misses"] > 0
         assert stats["prefetch_used"] <= stats["prefetch_issued"]

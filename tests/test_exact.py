@@ -72,8 +72,12 @@ def assert_matches(ckpt: Path, source: ExpertSource, reference: torch.nn.Module,
                           (8, 2, True, "transformers"), (3, 3, False, "transformers"),
                           (1, 2, True, "static"), (8, 0, False, "static"), (2, 1, False, "static")])
 def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch: int, zero_copy: bool,
-                    decode: str) -> None:
-    """decode "static" is coordinator.decode (the CUDA-graph code, run eagerly): same tokens as transformers."""
+                    decode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """decode "static" is coordinator.decode (the CUDA-graph code, run eagerly): same tokens as transformers,
+    with attention spans of 8, 16, 32, 64 positions crossed as the sequences grow."""
+    import coordinator.decode
+
+    monkeypatch.setattr(coordinator.decode, "MIN_SPAN", 8)
     reference = reference_model(tiny_ckpt)  # the checkpoint's own experts, as from_pretrained loads them
     cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy,
                             decode=decode)
