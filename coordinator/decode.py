@@ -38,6 +38,7 @@ from torch import nn
 
 from coordinator import gpu_kernels as gk
 from coordinator.moe import ExpertRunner, RECALL_TOP
+from coordinator.norm_kernels import FusedRMSNorm
 
 GUESS_TOP = max(RECALL_TOP)
 MIN_SPAN = 256
@@ -57,6 +58,11 @@ class StaticDecoder:
         self.dtype = model.model.embed_tokens.weight.dtype
         self.P = min(cfg.num_local_experts, GUESS_TOP) if runner.prefetch > 0 else 0
         self.graphs_wanted = graphs
+        # graphs: transformers' RMSNorm modules as one fused launch each (checked against the module first)
+        norm = FusedRMSNorm.wrap if graphs else (lambda m: m)
+        self.input_norm = [norm(layer.input_layernorm) for layer in self.layers]
+        self.post_norm = [norm(layer.post_attention_layernorm) for layer in self.layers]
+        self.final_norm = norm(model.model.norm)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # span -> one graph per segment
         self._pool: object | None = None  # one CUDA graph memory pool shared by every span's graphs
         self.span = min(MIN_SPAN, max_positions)
@@ -148,13 +154,13 @@ class StaticDecoder:
         else:
             self.x.add_(self._experts(seg - 1).view(1, 1, self.H))
         if seg == self.L:
-            normed = self.model.model.norm(self.x)
+            normed = self.final_norm(self.x)
             self.logits.copy_(self.model.lm_head(normed)[0, -1].float())
             self.pos.add_(1)
             return
         layer = self.layers[seg]
-        self.x.add_(self._attention(seg, layer.self_attn, layer.input_layernorm(self.x)))
-        normed = layer.post_attention_layernorm(self.x)
+        self.x.add_(self._attention(seg, layer.self_attn, self.input_norm[seg](self.x)))
+        normed = self.post_norm[seg](self.x)
         self.ffn_in[seg].copy_(normed.view(1, self.H))
         # transformers' MixtralTopKRouter: softmax in float32, top-k, renormalized over the k
         probs = torch.softmax(F.linear(normed.view(1, self.H), layer.mlp.gate.weight).float(), dim=-1)
@@ -164,7 +170,7 @@ class StaticDecoder:
         self.route_host[seg, :self.K].copy_(ids[0], non_blocking=True)
         if self.P and seg + 1 < self.L:
             nxt = self.layers[seg + 1]
-            guess = F.linear(nxt.post_attention_layernorm(self.x).view(1, self.H), nxt.mlp.gate.weight)
+            guess = F.linear(self.post_norm[seg + 1](self.x).view(1, self.H), nxt.mlp.gate.weight)
             self.route_host[seg, self.K:].copy_(torch.topk(guess.float(), self.P, dim=-1).indices[0],
                                                non_blocking=True)
 
