@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench import system_bench
             gc.collect()
             system_bench.run(shape, tpl2, caps2, prompt, a, ctx, log, runner.over_budget, runner.rows, Path(a.work),
-                             inloop=lambda addrs: inloop_workers(runner, shape, caps2, tpl2, base, addrs))
+                             inloop=lambda addrs: inloop_workers(runner, shape, caps2, tpl2, base, addrs), dense=dense)
             save()
         if "b" in variants and a.bits2:
             bench_bits(runner, shape, 2, [], tpl2, base, bw, a.naive_tokens, {"b"})
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import system_bench
                 gc.collect()
                 system_bench.run(shape, tpl3, caps3, prompt, a, ctx, log, runner.over_budget, runner.rows,
-                                 Path(a.work) / "bits3")
+                                 Path(a.work) / "bits3", dense=dense)
     finally:
         report.finish(results)
         save()

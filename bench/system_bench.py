@@ -35,8 +35,10 @@ READY = re.compile(r"serving on (\S+:\d+)")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_checkpoint(path: Path, shape: ModelShape, device: str, seed: int = 5) -> Path:
-    """config.json + model.safetensors with every non-expert tensor (random bf16); no expert tensors."""
+def write_checkpoint(path: Path, shape: ModelShape, device: str, seed: int = 5, dense: Any = None) -> Path:
+    """config.json + model.safetensors with every non-expert tensor (bf16); no expert tensors. With ``dense``
+    (bench.synth.DenseWeights) the tensors are the benchmark loop's own, attention dequantized from its packed
+    4-bit weights (the coordinator quantizes them again), so (d)/(e) serve the model (a)–(c) run; else random."""
     from safetensors.torch import save_file
     from transformers import MixtralConfig
 
@@ -66,8 +68,37 @@ def write_checkpoint(path: Path, shape: ModelShape, device: str, seed: int = 5) 
         t[p + "input_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
         t[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=torch.bfloat16)
         t[p + "block_sparse_moe.gate.weight"] = rnd(shape.experts, H, scale=H ** -0.5)
+    if dense is not None:
+        t |= _dense_tensors(shape, dense)
     save_file(t, str(path / "model.safetensors"))
     return path
+
+
+def _dense_tensors(shape: ModelShape, dense: Any) -> dict[str, torch.Tensor]:
+    """The loop's non-expert weights under the checkpoint's names (q/k/v split from its fused qkv)."""
+    from coordinator import gpu_kernels as gk
+
+    def unpack(m: Any) -> torch.Tensor:
+        return gk.dequantize(m.w_q, m.scale, m.zero, m.shape, m.bits, m.group_size, f"{m.bits}bit_u8",
+                             torch.bfloat16).cpu()
+
+    def host(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16).cpu().contiguous()
+
+    nq, nkv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    t = {"model.embed_tokens.weight": host(dense.embed), "lm_head.weight": host(dense.lm_head),
+         "model.norm.weight": host(dense.final_norm)}
+    for layer in range(shape.layers):
+        p = f"model.layers.{layer}."
+        qkv, o = unpack(dense.qkv[layer]), unpack(dense.o[layer])
+        t[p + "self_attn.q_proj.weight"] = qkv[:nq].contiguous()
+        t[p + "self_attn.k_proj.weight"] = qkv[nq:nq + nkv].contiguous()
+        t[p + "self_attn.v_proj.weight"] = qkv[nq + nkv:].contiguous()
+        t[p + "self_attn.o_proj.weight"] = o
+        t[p + "input_layernorm.weight"] = host(dense.attn_norm[layer])
+        t[p + "post_attention_layernorm.weight"] = host(dense.ffn_norm[layer])
+        t[p + "block_sparse_moe.gate.weight"] = host(dense.router[layer])
+    return t
 
 
 def write_worker_caches(ckpt: Path, root: Path, spec: QuantSpec, shards: int,
@@ -142,11 +173,11 @@ def _run_requests(address: str, prompt: list[int], warmup: int, tokens: int) -> 
 def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], caps: list[float],
         prompt: list[int], args: Any, ctx_bytes: int, log: Callable[[str], None],
         over_budget: Callable[[float], bool], rows: list[dict[str, Any]], work: Path,
-        inloop: Callable[[str], None] | None = None) -> None:
+        inloop: Callable[[str], None] | None = None, dense: Any = None) -> None:
     """Starts the workers once, then one coordinator per (mode, cap); appends one row per run."""
     spec = QuantSpec(bits=templates[0][1].matrices["w1"].bits, group_size=templates[0][1].matrices["w1"].group_size)
     t0 = time.perf_counter()
-    ckpt = write_checkpoint(work / "ckpt", shape, args.device)
+    ckpt = write_checkpoint(work / "ckpt", shape, args.device, dense=dense)
     write_worker_caches(ckpt, work / "cache", spec, args.workers, templates)
     log(f"system: checkpoint + {args.workers} worker caches written in {time.perf_counter() - t0:.1f}s")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
