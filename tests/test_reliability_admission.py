@@ -65,7 +65,9 @@ def test_burst_of_four_times_capacity_rejects_exactly_the_excess(tiny_ckpt: Path
     expected = {tuple(p): greedy(reference, p, 6) for p in prompts}
     base = client.stats()
     holder = client.stream(prompt_token_ids=[1, 2, 3], max_new_tokens=240)
-    next(iter(holder))  # decoding: it holds the engine until cancelled
+    # decoding: it holds the engine until cancelled (the iterator is kept: dropping it would cancel the stream)
+    tokens = iter(holder)
+    next(tokens)
 
     def one(prompt: list[int]) -> tuple[str, list[int], float]:
         start = time.monotonic()
