@@ -143,14 +143,19 @@ def _layer_tensors(dense: dict[str, torch.Tensor], layer: int, spec: UpcycleSpec
     return out
 
 
-def write_smollm2_moe(out: Path, spec: UpcycleSpec = UpcycleSpec()) -> Path:
+Dense = tuple["LlamaForCausalLM", "PreTrainedTokenizerBase"]
+"""What ``load_dense`` returns: the dense model and its tokenizer."""
+
+
+def write_smollm2_moe(out: Path, spec: UpcycleSpec = UpcycleSpec(), loaded: Dense | None = None) -> Path:
     """Writes the upcycled checkpoint (config, sharded safetensors + index, tokenizer, chat template) into
-    ``out``, showing a progress bar over the decoder layers."""
+    ``out``, showing a progress bar over the decoder layers. ``loaded``: ``load_dense(torch.float32)``'s result
+    when the caller already has it (loading the GGUF is most of the build time); it is only read."""
     from safetensors.torch import save_file
     from tqdm import tqdm
     from transformers import GenerationConfig
 
-    dense_model, tokenizer = load_dense(torch.float32)
+    dense_model, tokenizer = loaded or load_dense(torch.float32)
     config = mixtral_config(dense_model.config, spec)
     dense = {k: v.detach() for k, v in dense_model.state_dict().items()}
     del dense_model
@@ -208,9 +213,10 @@ def _is_built(out: Path) -> bool:
         return False
 
 
-def build_smollm2_moe(out: Path, spec: UpcycleSpec = UpcycleSpec()) -> Path:
+def build_smollm2_moe(out: Path, spec: UpcycleSpec = UpcycleSpec(), loaded: Dense | None = None) -> Path:
     """Builds ``smollm2-moe`` into ``out`` once (atomically: a temp dir renamed into place, under a file
-    lock so concurrent callers wait instead of building twice) and returns ``out``."""
+    lock so concurrent callers wait instead of building twice) and returns ``out``. ``loaded``: as for
+    ``write_smollm2_moe``."""
     if _is_built(out):
         return out
     with _build_lock(out):
@@ -218,7 +224,7 @@ def build_smollm2_moe(out: Path, spec: UpcycleSpec = UpcycleSpec()) -> Path:
             return out
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
         try:
-            write_smollm2_moe(tmp, spec)
+            write_smollm2_moe(tmp, spec, loaded)
             if out.exists():  # a stale build of another version
                 shutil.rmtree(out)
             os.rename(tmp, out)

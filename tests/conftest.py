@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -37,6 +39,95 @@ def tiny_ckpt(moe_cache_dir: Path) -> Path:
     from modelzoo import resolve_model
 
     return resolve_model("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def smollm2(moe_cache_dir: Path) -> tuple[Path, tuple]:  # type: ignore[type-arg]
+    """``smollm2-moe`` built once in the session cache (where ``python -m deploy demo`` finds it too), from the
+    one load of the dense GGUF model that test_smollm2 also uses as its reference: (checkpoint, (model, tokenizer))."""
+    import torch
+
+    from modelzoo import cache_dir
+    from modelzoo.smollm2 import build_smollm2_moe, load_dense
+
+    dense = load_dense(torch.float32)
+    return build_smollm2_moe(cache_dir() / "models" / "smollm2-moe", loaded=dense), dense
+
+
+@pytest.fixture(scope="session")
+def local_ray(moe_cache_dir: Path) -> Iterator[None]:
+    """One in-process local Ray (``ray.init``) on 127.0.0.1 for every test that drives actors itself: 2 CPUs, an
+    ``expert_host`` capacity of 2, a 256 MiB object store. Tests name their own namespaces and kill the actors
+    they create, so the next test starts on an empty cluster. (The modules using it run one after the other:
+    see ``pytest_collection_modifyitems``.)"""
+    ray = pytest.importorskip("ray")
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # set above: loopback only
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+             resources={"expert_host": 2}, object_store_memory=256 * 2**20, log_to_driver=False,
+             runtime_env={"env_vars": {"MOE_CACHE_DIR": str(moe_cache_dir)}})
+    yield
+    ray.shutdown()
+
+
+GROUPS_FILE_ENV = "MOE_TEST_GROUPS_FILE"
+"""Where xdist workers write each test's group for the controller's scheduler (``GroupScheduling``)."""
+
+
+def _group(item: pytest.Item) -> str:
+    if "smollm2" in getattr(item, "fixturenames", ()):
+        return "smollm2"  # one build of the model, one dense model in memory
+    if item.get_closest_marker("slow"):
+        return "ray"  # Ray tests one after the other: never two clusters at once, local_ray shared
+    return item.nodeid.split("::")[0]  # a module's fixtures are set up once
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Orders the tests: the ``ray`` group, then the ``smollm2`` group, then every other module (the longest
+    groups start first under ``-n 2``); ``local_ray``'s users back to back inside ``ray`` (that cluster is not
+    left idling while other tests run). An xdist worker also records every test's group for the scheduler."""
+    local_ray = [item for item in items if "local_ray" in getattr(item, "fixturenames", ())]
+    if local_ray:
+        first = items.index(local_ray[0])
+        rest = [item for item in items if item not in local_ray]
+        items[:] = rest[:first] + local_ray + rest[first:]
+    order = {"ray": 0, "smollm2": 1}
+    items.sort(key=lambda item: order.get(_group(item), 2))  # stable: collection order inside a group
+    groups_file = os.environ.get(GROUPS_FILE_ENV)
+    if groups_file and hasattr(config, "workerinput"):
+        tmp = Path(f"{groups_file}.{config.workerinput['workerid']}")
+        tmp.write_text(json.dumps({item.nodeid: _group(item) for item in items}))
+        tmp.replace(groups_file)  # every worker collects the same tests: the same content
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    fd, groups_file = tempfile.mkstemp(prefix="moe-test-groups-", suffix=".json")
+    os.close(fd)
+    os.environ[GROUPS_FILE_ENV] = groups_file  # inherited by the workers xdist starts
+    config.add_cleanup(lambda: Path(groups_file).unlink(missing_ok=True))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadgroup`` (pyproject's addopts: ``-n 2``) with the groups of ``_group``: a group runs on one
+    worker, in collection order; the next group goes to whichever worker runs out of work first.
+    (xdist's own loadgroup reads ``xdist_group`` marks through ``item._nodeid``, which pytest 9.2 ignores.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # written by the workers while collecting, read once they all have
+                self.groups = json.loads(Path(os.environ[GROUPS_FILE_ENV]).read_text())
+            return self.groups.get(nodeid, nodeid.split("::")[0])
+
+    config.option.loadscopereorder = False  # keep pytest_collection_modifyitems' order
+    return GroupScheduling(config, log)
 
 
 @dataclass

@@ -3,9 +3,7 @@ actors, reads their object-store experts zero-copy, and still matches transforme
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,22 +16,12 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # set by conftest: loopback only
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             resources={"expert_host": 2}, object_store_memory=256 * 2**20, log_to_driver=False,
-             namespace="moe-test", runtime_env={"env_vars": {"MOE_CACHE_DIR": os.environ["MOE_CACHE_DIR"]}})
-    yield
-    ray.shutdown()
-
-
 def test_ray_discovery_serves_exact_tokens(local_ray: None, tiny_ckpt: Path) -> None:
     from expert_workers.actor import start_expert_worker
 
     actors = [start_expert_worker(str(tiny_ckpt), f"{i}/2", bits=16, name=f"expert-worker-{i}of2",
                                   namespace="moe-test") for i in range(2)]
-    start_expert_worker(str(tiny_ckpt), "0/1", bits=16, name="unrelated-actor", namespace="moe-test")  # ignored
+    unrelated = start_expert_worker(str(tiny_ckpt), "0/1", bits=16, name="unrelated-actor", namespace="moe-test")
     found = ray_workers("auto", time.monotonic() + 240, prefix="expert-worker", namespace="moe-test")
     assert sorted(found) == sorted(ray.get([a.address.remote() for a in actors]))
     source = connect(None, "auto", 240, {"prefix": "expert-worker", "namespace": "moe-test"})
@@ -47,5 +35,5 @@ def test_ray_discovery_serves_exact_tokens(local_ray: None, tiny_ckpt: Path) -> 
         engine.close()
     finally:
         source.close()
-        for a in actors:
+        for a in [*actors, unrelated]:  # the session's Ray is empty again for the next test
             ray.kill(a)

@@ -17,7 +17,8 @@ from client import STATS_KEYS
 pytestmark = pytest.mark.slow
 
 
-def test_make_demo_command_runs_the_whole_system_and_cleans_up() -> None:
+def test_make_demo_command_runs_the_whole_system_and_cleans_up(smollm2: tuple) -> None:  # type: ignore[type-arg]
+    # smollm2: the session's build of the model in $MOE_CACHE_DIR, which the demo uses (test_smollm2 checks it)
     make = (REPO / "Makefile").read_text()
     assert re.search(r"^demo: venv\n\t\$\(PY\) -m deploy demo$", make, re.M), "make demo runs something else"
     out = subprocess.run([sys.executable, "-m", "deploy", "demo"], cwd=REPO, capture_output=True, text=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ from expert_workers.fetch import RemoteSource
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 NAMESPACE = "moe-reliability"
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # set by conftest: loopback only
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             resources={"expert_host": 2}, object_store_memory=256 * 2**20, log_to_driver=False,
-             namespace=NAMESPACE, runtime_env={"env_vars": {"MOE_CACHE_DIR": os.environ["MOE_CACHE_DIR"]}})
-    yield
-    ray.shutdown()
 
 
 def health(address: str) -> str:

@@ -20,15 +20,14 @@ PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time,")
 
 
 @pytest.fixture(scope="module")
-def moe_dir(moe_cache_dir: Path) -> Path:
-    return resolve_model("smollm2-moe")
+def moe_dir(smollm2: tuple[Path, tuple]) -> Path:  # type: ignore[type-arg]
+    return smollm2[0]
 
 
 @pytest.fixture(scope="module")
-def dense():  # type: ignore[no-untyped-def]
-    from modelzoo.smollm2 import load_dense
-
-    return load_dense(torch.float32)
+def dense(smollm2: tuple[Path, tuple]):  # type: ignore[no-untyped-def, type-arg]
+    """transformers' dense SmolLM2 from the GGUF file (the load the session's smollm2-moe build used)."""
+    return smollm2[1]
 
 
 def test_checkpoint_is_mixtral_with_copied_experts(moe_dir: Path, dense) -> None:  # type: ignore[no-untyped-def]
