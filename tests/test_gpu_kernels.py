@@ -125,7 +125,10 @@ _NORM_CHECK = textwrap.dedent("""
     from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
     from coordinator.norm_kernels import FusedRMSNorm
     device = sys.argv[1]
-    for dtype, exact in ((torch.float16, True), (torch.bfloat16, False), (torch.float32, False)):
+    torch.manual_seed(0)
+    # tolerance: two roundings to the dtype (normalized row, then the weight product); fp32 statistics may
+    # differ in the last bit (sum order, rsqrt), which can move a half-precision rounding by one step
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
         norm = MixtralRMSNorm(320, eps=1e-5).to(device=device, dtype=dtype)
         norm.weight.data = torch.randn(320, device=device).to(dtype)
         fused = FusedRMSNorm.wrap(norm)
@@ -133,9 +136,7 @@ _NORM_CHECK = textwrap.dedent("""
         x = (torch.randn(3, 1, 320, device=device) * 4).to(dtype)
         got, want = fused(x), norm(x)
         assert got.dtype == want.dtype and got.shape == want.shape
-        if exact:
-            assert torch.equal(got, want), (got - want).abs().max()
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)  # bf16: 2 roundings
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     print("NORM OK")
 """)
 
@@ -143,8 +144,8 @@ _NORM_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_fused_rms_norm_matches_transformers(device: str) -> None:
-    """The graph decoder's fused RMSNorm equals transformers' MixtralRMSNorm (bit for bit in float16, within
-    one rounding in bfloat16/float32) on 3 rows of a non-power-of-two width; on CPU through the interpreter."""
+    """The graph decoder's fused RMSNorm equals transformers' MixtralRMSNorm within two roundings of each dtype
+    (float16, bfloat16, float32) on 3 rows of a non-power-of-two width; on CPU through the interpreter."""
     pytest.importorskip("triton")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     if device == "cpu":
