@@ -79,22 +79,36 @@ def gguf_path() -> Path:
 
 
 @contextmanager
-def _memoized_gguf_name_maps() -> Iterator[None]:
-    """transformers' GGUF loader rebuilds gguf's ``TensorNameMap`` for every module of the model (397 times
-    for SmolLM2, ~25 s of a ~60 s load on 2 cores); it only depends on (architecture, layers), so it is
-    memoized while loading. The loaded weights are identical either way."""
+def _gguf_load_shortcuts() -> Iterator[None]:
+    """Two of transformers' GGUF costs are repeated work, done once while loading (same weights either way):
+
+    - its loader rebuilds gguf's ``TensorNameMap`` for every module of the model (397 times for SmolLM2, ~25 s
+      of a ~60 s load on 2 cores); it only depends on (architecture, layers), so it is memoized;
+    - it parses the file anew for the tokenizer, the config and the weights (gguf's ``GGUFReader`` walks the
+      49k-token vocabulary, ~5 s each time); one read-only reader per file is shared."""
     try:
         import gguf
 
-        original = gguf.get_tensor_name_map
-    except (ImportError, AttributeError):  # another gguf: load without the shortcut
+        name_map, reader = gguf.get_tensor_name_map, gguf.GGUFReader
+    except (ImportError, AttributeError):  # another gguf: load without the shortcuts
         yield
         return
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path: os.PathLike[str] | str, mode: str = "r") -> object:
+        if mode != "r":
+            return reader(path, mode)
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    gguf.GGUFReader = shared_reader
     try:
         yield
     finally:
-        gguf.get_tensor_name_map = original
+        gguf.get_tensor_name_map, gguf.GGUFReader = name_map, reader
 
 
 def load_dense(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
@@ -102,8 +116,8 @@ def load_dense(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, Pr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    with _memoized_gguf_name_maps():
+    with _gguf_load_shortcuts():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model.eval(), tokenizer
 
