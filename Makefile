@@ -12,9 +12,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`.
 PYTEST_ARGS ?=
 
-.PHONY: venv protos demo test clean FORCE
+.PHONY: venv protos bytecode demo test clean FORCE
 
-venv: $(STAMP) protos $(REPO_ENV)
+venv: $(STAMP) protos bytecode $(REPO_ENV)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 protos: $(STAMP)
 	$(PY) -m protos
+
+# Our modules' bytecode, written once: every server, CLI and test process imports them (pip compiled the
+# dependencies already), and a shell with PYTHONDONTWRITEBYTECODE=1 would otherwise recompile them each time.
+bytecode: protos
+	$(PY) -m compileall -q expert_workers coordinator client deploy protos modelzoo >/dev/null
 
 # Where this checkout lives, for `ray up deploy/cluster.yaml` (the head's SSH shell sources it to find .venv).
 $(REPO_ENV): FORCE
