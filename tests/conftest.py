@@ -111,7 +111,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """``--dist loadgroup`` (pyproject's addopts: ``-n 2``) with the groups of ``_group``: a group runs on one
+    """``--dist loadgroup`` (``make test`` runs ``-n 2``) with the groups of ``_group``: a group runs on one
     worker, in collection order; the next group goes to whichever worker runs out of work first.
     (xdist's own loadgroup reads ``xdist_group`` marks through ``item._nodeid``, which pytest 9.2 ignores.)"""
     if config.getvalue("dist") != "loadgroup":
