@@ -77,7 +77,9 @@ def _group(item: pytest.Item) -> str:
     if "smollm2" in getattr(item, "fixturenames", ()):
         return "smollm2"  # one build of the model, one dense model in memory
     if item.get_closest_marker("slow"):
-        return "ray"  # Ray tests one after the other: never two clusters at once, local_ray shared
+        # Ray tests one after the other: ray.init (local_ray) and `ray up` use Ray's default ports (a LocalRay,
+        # like the demo's, takes free ones), and local_ray's users share it
+        return "ray"
     return item.nodeid.split("::")[0]  # a module's fixtures are set up once
 
 

@@ -207,6 +207,6 @@ def test_ray_up_serves_a_prompt_and_ray_down_stops_everything(sshd: dict, tiny_c
     deadline = time.monotonic() + 60
     while any(p.name() != "sshd" for p in _user_processes()):
         assert time.monotonic() < deadline, [" ".join(p.cmdline()) for p in _user_processes()]
-        time.sleep(1)
+        time.sleep(0.2)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", ports["coordinator"])) != 0  # the coordinator is gone too
