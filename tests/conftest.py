@@ -54,51 +54,73 @@ def smollm2(moe_cache_dir: Path) -> tuple[Path, tuple]:  # type: ignore[type-arg
     return build_smollm2_moe(cache_dir() / "models" / "smollm2-moe", loaded=dense), dense
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def local_ray(moe_cache_dir: Path) -> Iterator[None]:
-    """One in-process local Ray (``ray.init``) on 127.0.0.1 for every test that drives actors itself: 2 CPUs, an
-    ``expert_host`` capacity of 2, a 256 MiB object store. Tests name their own namespaces and kill the actors
-    they create, so the next test starts on an empty cluster. (The modules using it run one after the other:
-    see ``pytest_collection_modifyitems``.)"""
+    """An in-process local Ray (``ray.init``) on 127.0.0.1 shared by consecutive tests that drive actors
+    themselves: 2 CPUs, an ``expert_host`` capacity of 2, a 256 MiB object store. Tests name their own
+    namespaces and kill the actors they create, so the next one starts on an empty cluster. It is shut down
+    after the last of a run of such tests (``pytest_runtest_teardown``); they run last among the Ray tests."""
     ray = pytest.importorskip("ray")
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"  # set above: loopback only
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             resources={"expert_host": 2}, object_store_memory=256 * 2**20, log_to_driver=False,
-             runtime_env={"env_vars": {"MOE_CACHE_DIR": str(moe_cache_dir)}})
+    if not ray.is_initialized():
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+                 resources={"expert_host": 2}, object_store_memory=256 * 2**20, log_to_driver=False,
+                 runtime_env={"env_vars": {"MOE_CACHE_DIR": str(moe_cache_dir)}})
     yield
-    ray.shutdown()
+
+
+def _uses_local_ray(item: pytest.Item | None) -> bool:
+    return item is not None and "local_ray" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _uses_local_ray(item) and not _uses_local_ray(nextitem):
+        import ray
+
+        ray.shutdown()
 
 
 GROUPS_FILE_ENV = "MOE_TEST_GROUPS_FILE"
 """Where xdist workers write each test's group for the controller's scheduler (``GroupScheduling``)."""
 
 
-def _group(item: pytest.Item) -> str:
-    if "smollm2" in getattr(item, "fixturenames", ()):
-        return "smollm2"  # one build of the model, one dense model in memory
-    if item.get_closest_marker("slow"):
-        # Ray tests one after the other: ray.init (local_ray) and `ray up` use Ray's default ports (a LocalRay,
-        # like the demo's, takes free ones), and local_ray's users share it
-        return "ray"
-    return item.nodeid.split("::")[0]  # a module's fixtures are set up once
+LONG_MODULES = ("test_workers_grpc.py", "test_gpu_kernels.py", "test_auth_e2e.py", "test_reliability_failover.py")
+"""Measured on 2 cores, the longest modules outside the ``ray`` and ``smollm2`` groups (~40-70 s each): they are
+handed out first, so the two workers run out of work at about the same time."""
+
+
+def _module_groups(items: list[pytest.Item]) -> dict[str, str]:
+    """Test module path -> its group: ``smollm2`` if a test uses the ``smollm2`` fixture (one build of the model,
+    one dense model in memory); else ``ray`` if a test is ``slow`` (it brings up Ray: those run one after the
+    other, as ray.init (local_ray) and `ray up` use Ray's default ports (a LocalRay, like the demo's, takes free
+    ones), and local_ray's users share it); else the module itself (its fixtures are set up once)."""
+    groups: dict[str, str] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            groups[module] = "smollm2"
+        elif item.get_closest_marker("slow") and groups.get(module) != "smollm2":
+            groups[module] = "ray"
+        else:
+            groups.setdefault(module, module)
+    return groups
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Orders the tests: the ``ray`` group, then the ``smollm2`` group, then every other module (the longest
-    groups start first under ``-n 2``); ``local_ray``'s users back to back inside ``ray`` (that cluster is not
-    left idling while other tests run). An xdist worker also records every test's group for the scheduler."""
-    local_ray = [item for item in items if "local_ray" in getattr(item, "fixturenames", ())]
-    if local_ray:
-        first = items.index(local_ray[0])
-        rest = [item for item in items if item not in local_ray]
-        items[:] = rest[:first] + local_ray + rest[first:]
-    order = {"ray": 0, "smollm2": 1}
-    items.sort(key=lambda item: order.get(_group(item), 2))  # stable: collection order inside a group
+    """Orders the tests by group: ``ray``, ``smollm2``, the ``LONG_MODULES``, then the other modules (under
+    ``-n 2`` the long groups start first); ``local_ray``'s users back to back at the end of ``ray`` (one
+    cluster for all of them, never beside another Ray test). An xdist worker also records the groups for the
+    scheduler."""
+    groups = _module_groups(items)
+    group_of = {item.nodeid: groups[item.nodeid.split("::")[0]] for item in items}
+    order = {"ray": 0, "smollm2": 1, **{f"tests/{m}": 2 + i for i, m in enumerate(LONG_MODULES)}}
+    items.sort(key=lambda item: (order.get(group_of[item.nodeid], len(order)), _uses_local_ray(item)))  # stable
     groups_file = os.environ.get(GROUPS_FILE_ENV)
     if groups_file and hasattr(config, "workerinput"):
         tmp = Path(f"{groups_file}.{config.workerinput['workerid']}")
-        tmp.write_text(json.dumps({item.nodeid: _group(item) for item in items}))
+        tmp.write_text(json.dumps(group_of))
         tmp.replace(groups_file)  # every worker collects the same tests: the same content
 
 
