@@ -125,7 +125,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("xdist"):
+    if hasattr(config, "workerinput"):
+        # An xdist worker shares the cores with the others: torch's thread pool (here and, through
+        # OMP_NUM_THREADS, in the servers and CLIs it starts) gets its share instead of every core, so the
+        # workers' threads do not spin against each other's (a model forward took several times longer so).
+        threads = max(1, (os.cpu_count() or 1) // int(config.workerinput.get("workercount", 1)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return
+    if not config.pluginmanager.hasplugin("xdist"):
         return
     fd, groups_file = tempfile.mkstemp(prefix="moe-test-groups-", suffix=".json")
     os.close(fd)
