@@ -64,14 +64,17 @@ def test_greedy_tokens_equal_dense_smollm2(moe_dir: Path, dense) -> None:  # typ
     tok = AutoTokenizer.from_pretrained(moe_dir)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
                                    tokenize=False)
-    for prompt in (*PROMPTS, chat):
-        ids = tok(prompt, return_tensors="pt").input_ids
-        assert ids.tolist() == dense_tok(prompt, return_tensors="pt").input_ids.tolist()
-        with torch.no_grad():
-            got = moe.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
-            want = dense_model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
-        assert got == want, (prompt, tok.decode(got), tok.decode(want))
-        assert len(set(got)) > 1  # a real continuation, not one repeated token
+    prompts = [*PROMPTS, chat]
+    for prompt in prompts:
+        assert tok(prompt).input_ids == dense_tok(prompt).input_ids
+    tok.padding_side = "left"  # one batch for all prompts: both models decode the very same padded batch
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = moe.generate(**batch, max_new_tokens=20, do_sample=False)[:, batch.input_ids.shape[1]:].tolist()
+        want = dense_model.generate(**batch, max_new_tokens=20, do_sample=False)[:, batch.input_ids.shape[1]:].tolist()
+    for prompt, g, w in zip(prompts, got, want):
+        assert g == w, (prompt, tok.decode(g), tok.decode(w))
+        assert len(set(g)) > 1  # a real continuation, not one repeated token
 
 
 def test_built_once(moe_dir: Path) -> None:
