@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="(d)/(e): real worker processes + coordinator process (bench/system_bench.py)")
     ap.add_argument("--workers", type=int, default=2, help="expert worker processes for (d)/(e)")
     ap.add_argument("--grpc-tokens", type=int, default=24, help="tokens for (e) (each miss ~0.1 s over gRPC)")
-    ap.add_argument("--sys-prefetch", type=int, default=2)
+    ap.add_argument("--sys-prefetch", default="2",
+                    help="coordinator --prefetch for (d), comma-separated: the first is (d), the others extra rows")
+    ap.add_argument("--offloading-eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="(c) mixtral-offloading style: transformers' eager forward + LRU + pinned, in-process")
     ap.add_argument("--bits2", action=argparse.BooleanOptionalAction, default=True,
                     help="2-bit variants in the bench loop (a, b, c, p)")
     ap.add_argument("--system-runs", choices=("all", "inloop", "profile"), default="all",

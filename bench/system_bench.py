@@ -201,9 +201,17 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                 log(f"coordinator profile failed: {e}")
         if inloop is not None and args.system_runs != "profile":
             inloop(addrs)
-        plan = [] if args.system_runs in ("inloop", "profile") else [("d_workers_shm_zero_copy", cap, [], args.new_tokens) for cap in caps]
+        if args.offloading_eager and args.system_runs == "all":
+            for cap in caps:
+                offloading_eager(ckpt, addrs, cap, prompt, args, ctx_bytes, log, over_budget, rows,
+                                 templates[0][1].nbytes)
+        prefetches = [int(p) for p in str(args.sys_prefetch).split(",")]
+        plan = [] if args.system_runs in ("inloop", "profile") else [
+            ("d_workers_shm_zero_copy" + ("" if p == prefetches[0] else f"_prefetch{p}"), cap, ["--prefetch", str(p)],
+             args.new_tokens) for p in prefetches for cap in caps]
         if args.grpc_tokens > 0 and args.system_runs == "all":
-            plan.append(("e_workers_grpc_stream", caps[0], ["--no-zero-copy"], args.grpc_tokens))
+            plan.append(("e_workers_grpc_stream", caps[0], ["--no-zero-copy", "--prefetch", str(prefetches[0])],
+                         args.grpc_tokens))
         for name, cap, extra, n in plan:
             if over_budget(60 + n * (1.0 if name.startswith("e_") else 0.15)):
                 rows.append({"variant": name, "bits": spec.bits, "cap_gb": cap, "skipped": "time budget"})
@@ -211,8 +219,8 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                 continue
             # the cap is cap·1e9 bytes; the coordinator's --gpu-memory-gb takes GiB
             cmd = ["coordinator", "serve", "--model", str(ckpt), "--workers", addrs, "--port", "0", "--device", dev,
-                   "--gpu-memory-gb", f"{cap * 1e9 / 2**30:.4f}", "--max-seq-len", "512", "--prefetch", str(args.sys_prefetch),
-                   "--fetch-workers", "8", *extra]
+                   "--gpu-memory-gb", f"{cap * 1e9 / 2**30:.4f}", "--max-seq-len", "512", "--fetch-workers", "8",
+                   *extra]
             t1 = time.perf_counter()
             try:
                 coord = Proc(cmd, work / f"coord-{name}-{cap}.log", env)
@@ -255,6 +263,64 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
             w.stop()
 
 
+def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any, ctx_bytes: int,
+                     log: Callable[[str], None], over_budget: Callable[[float], bool], rows: list[dict[str, Any]],
+                     expert_bytes: int) -> None:
+    """(c) as mixtral-offloading builds it: transformers' own eager forward (one launch per op, no CUDA graphs),
+    a per-layer LRU of k experts, a miss copied on demand from pinned host memory, no prefetch. It runs in this
+    process on our Coordinator (``decode="transformers"``, prefetch 0, same cap and so the same k as (d)); the
+    experts are read from the workers' shared memory, registered with cudaHostRegister, i.e. pinned memory.
+    Inputs are teacher-forced from the same random stream as (a)-(c)."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.engine import Coordinator
+    from expert_workers.fetch import RemoteSource
+
+    name, n = "c_offloading_eager", max(16, args.new_tokens // 2)
+    if over_budget(40 + n * 0.08):
+        rows.append({"variant": name, "bits": 2, "cap_gb": cap, "skipped": "time budget"})
+        return
+    src = RemoteSource(addrs.split(","))
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda" if cuda else "cpu", gpu_memory_gb=cap * 1e9 / 2**30,
+                                                  max_seq_len=512, prefetch=0, fetch_workers=8, decode="transformers"))
+    gen = torch.Generator().manual_seed(4321)
+    stream = torch.randint(0, co.vocab_size, (args.warmup + n,), generator=gen).tolist()
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            kv = co.new_kv_cache()
+            co.step(prompt, kv)
+            _timed_steps(co, kv, stream[:args.warmup])
+            before = co.runner.stats()
+            ms = _timed_steps(co, kv, stream[args.warmup:])
+            after = co.runner.stats()
+        d = {k: after[k] - before[k] for k in ("expert_uses", "cache_hits", "cache_misses", "bytes_fetched")}
+        row = {"variant": name, "bits": 2, "cap_gb": cap, "k": co.slots_per_layer, "tokens": n, "graphs": False,
+               "expert_bytes": expert_bytes, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, **d,
+               "hit_rate": d["cache_hits"] / d["expert_uses"] if d["expert_uses"] else 0.0,
+               "prefetch_recall": None, "bytes_per_token": d["bytes_fetched"] / n,
+               "vram_peak_bytes": (torch.cuda.max_memory_allocated() - base if cuda else 0) + ctx_bytes,
+               "vram_note": "peak allocated by this coordinator (above the bench loop's own) + CUDA context",
+               "token_ids": []}
+        rows.append(row)
+        log(f"{name:28s} bits=2 cap={cap} k={row['k']}: {row['tokens_per_s']:.2f} tok/s ({ms:.2f} ms/token) "
+            f"hit={row['hit_rate']:.3f} MB/token={row['bytes_per_token'] / 1e6:.1f} "
+            f"vram={row['vram_peak_bytes'] / 1e9:.2f} GB")
+    except Exception as e:  # noqa: BLE001 - record the failure, keep the other runs
+        rows.append({"variant": name, "bits": 2, "cap_gb": cap, "skipped": f"error: {e}"[:300]})
+        log(f"{name} cap={cap} failed: {e}")
+    finally:
+        co.close()
+        src.close()
+        del co
+        if cuda:
+            torch.cuda.empty_cache()
+
+
 def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any,
                         log: Callable[[str], None], rows: list[dict[str, Any]], tokens: int = 24) -> None:
     """The coordinator's own decode step (``Coordinator.step``) in this process: ms/token plain (prefetch on
@@ -273,7 +339,7 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
     stream = torch.randint(0, 32000, (2 * tokens,), generator=gen).tolist()
     src = RemoteSource(addrs.split(","))
     text, plain = "", {}
-    for prefetch in (args.sys_prefetch, 0):
+    for prefetch in (int(str(args.sys_prefetch).split(",")[0]), 0):
         co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda", gpu_memory_gb=cap * 1e9 / 2**30,
                                                       max_seq_len=512, prefetch=prefetch, fetch_workers=8))
         try:
@@ -308,11 +374,14 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
 
 def _timed_steps(co: Any, kv: Any, tokens: list[int]) -> float:
     """ms per decode step over ``tokens``, synchronized."""
-    torch.cuda.synchronize()
+    cuda = co.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for t in tokens:
         co.step([t], kv)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3 / len(tokens)
 
 

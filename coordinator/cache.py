@@ -120,6 +120,17 @@ class ExpertCache:
                 counters.misses += 1
         return found
 
+    def touch_resident(self, layer: int, experts: list[int]) -> list[int] | None:
+        """The decode fast path: when every one of ``experts`` is in the layer's LRU, marks them most recently
+        used, counts the hits and returns their buffers; otherwise changes nothing and returns None."""
+        lru = self._lru[layer]
+        if not all(e in lru for e in experts):
+            return None
+        for e in experts:
+            lru.move_to_end(e)
+        self.counters.layers[layer].hits += len(experts)
+        return [lru[e] for e in experts]
+
     def contains(self, key: ExpertKey) -> bool:
         return key.expert in self._lru[key.layer] or key in self._prefetched
 

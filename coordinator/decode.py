@@ -83,6 +83,10 @@ class StaticDecoder:
         pin = dev.type == "cuda"
         self.route_host = torch.zeros((L, K + self.P), dtype=torch.long, pin_memory=pin)
         self.slots_host = torch.zeros((L, K), dtype=torch.int32, pin_memory=pin)
+        # numpy views of the pinned rows and per-layer tensor views, made once: between two graph replays the
+        # GPU waits for this host code, and each torch indexing op costs microseconds
+        self._route_np, self._slots_np = self.route_host.numpy(), self.slots_host.numpy()
+        self._slots_rows = [(self.slots_host[layer], self.slots[layer, 0]) for layer in range(L)]
         self.length = 0  # positions filled (host mirror of ``pos``)
         self._stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
 
@@ -129,15 +133,16 @@ class StaticDecoder:
         if seg == 0:
             return []
         layer = seg - 1
-        rows, buffers = self.runner.resident_rows(layer, [self.route_host[layer, :self.K].tolist()])
-        self.slots_host[layer].copy_(torch.tensor(rows[0], dtype=torch.int32))
-        self.slots[layer, 0].copy_(self.slots_host[layer], non_blocking=True)
+        rows, buffers = self.runner.resident_rows(layer, [self._route_np[layer, :self.K].tolist()])
+        self._slots_np[layer] = rows[0]  # the last copy out of this row finished: a sync came since
+        host, device = self._slots_rows[layer]
+        device.copy_(host, non_blocking=True)
         return buffers
 
     def _predict(self, layer: int) -> None:
         """Prefetches the guess for ``layer`` made in the previous segment (once that layer's experts ran)."""
         if self.P and 0 < layer < self.L:
-            self.runner.predict(layer, self.route_host[layer - 1, self.K:].tolist())
+            self.runner.predict(layer, self._route_np[layer - 1, self.K:].tolist())
 
     def _span_for(self, n: int) -> int:
         """Cache positions attention reads for a sequence of ``n``: a power of two, at least MIN_SPAN, at most S."""
@@ -187,11 +192,15 @@ class StaticDecoder:
     def _attention(self, layer: int, attn: nn.Module, xn: torch.Tensor) -> torch.Tensor:
         """[1, 1, H]: transformers' MixtralAttention for one token at position ``pos``, over the static cache."""
         nh, nkv, d = self.nh, self.nkv, self.d
-        q = attn.q_proj(xn).view(nh, d)
-        k = attn.k_proj(xn).view(nkv, d)
-        v = attn.v_proj(xn).view(nkv, d)
+        if hasattr(attn, "qkv_proj"):  # one GEMV for q, k and v (coordinator.model.FusedQKV)
+            qkv = attn.qkv_proj(xn).view(nh + 2 * nkv, d)
+            qk, v = qkv[:nh + nkv], qkv[nh + nkv:]
+        else:
+            qk = torch.cat((attn.q_proj(xn).view(nh, d), attn.k_proj(xn).view(nkv, d)))
+            v = attn.v_proj(xn).view(nkv, d)
         cos, sin = self.cos[self.pos], self.sin[self.pos]  # [1, d]
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        qk = qk * cos + _rotate_half(qk) * sin  # q and k rotated together: one set of launches
+        q, k = qk[:nh], qk[nh:]
         self.kv[layer, 0].index_copy_(1, self.pos, k[:, None, :])
         self.kv[layer, 1].index_copy_(1, self.pos, v[:, None, :])
         span = self.span

@@ -113,6 +113,10 @@ class Coordinator:
         self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.prefetch,
                                    workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
                                    zero_copy=config.zero_copy)
+        t0 = time.monotonic()
+        if n := self.transfers.warm_zero_copy(sorted(manifests, key=lambda k: (k.layer, k.expert))):
+            log.info("%d experts readable from co-located shared memory (mapped, checksummed, pinned in %.1f s)",
+                     n, time.monotonic() - t0)
         self.runner = ExpertRunner(self.model, self.cache, self.transfers, manifests, config.prefetch)
         self.decoder = self._make_decoder()
         self._decoding: weakref.ref[DynamicCache] | None = None  # the request whose K/V the decoder holds

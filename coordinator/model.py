@@ -146,6 +146,99 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def fuse_packed(layers: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hqq layers (axis 1, one u8 packing, same input width and group size) as one packed matrix whose output
+    rows are theirs, concatenated: (W_q, scale, zero), exactly their integer codes, scales and zeros. hqq packs
+    group row r with row r + R/V of the same matrix, so the codes are unpacked, stacked and packed again
+    (scales and zeros are per group row, n-major: they simply stack)."""
+    from hqq.core.bitpack import BitPack
+
+    packing = layers[0].meta["packing"]
+    for m in layers:
+        meta = m.meta
+        if (meta["packing"], meta["group_size"], meta["shape"][1]) != (packing, layers[0].meta["group_size"],
+                                                                       layers[0].meta["shape"][1]):
+            raise ValueError("only layers with one packing, group size and input width fuse")
+    unpack, pack = getattr(BitPack, f"unpack_{packing}"), getattr(BitPack, f"pack_{packing}")
+    codes = torch.cat([unpack(m.W_q)[:m.meta["scale"].shape[0]] for m in layers])  # [R total, group]
+    return (pack(codes), torch.cat([m.meta["scale"] for m in layers]), torch.cat([m.meta["zero"] for m in layers]))
+
+
+class FusedQKV(nn.Module):
+    """q/k/v of one attention layer as one packed matrix (``fuse_packed``): a decode step runs one GEMV for
+    the three (``coordinator.decode``). Mixtral's k/v have 1024 outputs, too few rows to fill the H200, so
+    three launches cost ~2x one. transformers' attention keeps calling ``q_proj`` / ``k_proj`` / ``v_proj``,
+    now ``_Rows`` slices of this module: the first of them computes, the other two reuse the result. The
+    separate packed matrices are dropped, so the fusion costs no memory."""
+
+    def __init__(self, layers: list[PackedLinear]) -> None:
+        super().__init__()
+        w_q, scale, zero = fuse_packed([p.hqq for p in layers])
+        self.register_buffer("w_q", w_q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.bits, self.group_size, self.in_features = layers[0].bits, layers[0].group_size, layers[0].in_features
+        self.splits = [p.out_features for p in layers]
+        self.out_features = sum(self.splits)
+        self._memo: tuple[torch.Tensor, torch.Tensor, set[int]] | None = None  # (x, forward(x), slices not taken)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., in] -> [..., q + k + v]: the GEMV for decode-sized calls, dequantize + matmul above."""
+        from coordinator import gpu_kernels as gk
+
+        tokens = x.numel() // x.shape[-1]
+        flat = x.reshape(tokens, self.in_features)
+        if tokens <= gk.GEMV_MAX_TOKENS:
+            y = gk.packed_linear(flat, self.w_q, self.scale, self.zero, (self.out_features, self.in_features),
+                                 self.bits, self.group_size)
+        else:
+            w = gk.dequantize(self.w_q, self.scale, self.zero, (self.out_features, self.in_features), self.bits,
+                              self.group_size, f"{self.bits}bit_u8", x.dtype)
+            y = flat @ w.T
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def rows(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Output ``index`` (0 q, 1 k, 2 v) of ``forward(x)``, computed once for the three calls on one x."""
+        memo = self._memo
+        if memo is None or memo[0] is not x or index not in memo[2]:  # a new x, or this slice taken already
+            memo = (x, self(x), set(range(len(self.splits))))
+        memo[2].discard(index)
+        self._memo = memo if memo[2] else None  # the last slice drops the references
+        lo = sum(self.splits[:index])
+        return memo[1][..., lo:lo + self.splits[index]]
+
+
+class _Rows(nn.Module):
+    """``q_proj`` / ``k_proj`` / ``v_proj`` of a fused attention layer."""
+
+    def __init__(self, fused: FusedQKV, index: int) -> None:
+        super().__init__()
+        self.index, self.out_features, self.in_features = index, fused.splits[index], fused.in_features
+        self.__dict__["fused"] = fused  # not a submodule: the attention module owns it once, as ``qkv_proj``
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.rows(x, self.index)
+
+
+FUSE_QKV = True
+"""Fuse q/k/v where they allow it (tests turn it off to build hqq's reference paths)."""
+
+
+def _fuse_qkv(attn: nn.Module) -> None:
+    """Fuses q/k/v when all three are ``PackedLinear`` with one layout and no bias."""
+    if not FUSE_QKV:
+        return
+    projs = [getattr(attn, p) for p in ATTN_PROJ[:3]]
+    if not all(isinstance(p, PackedLinear) and p.hqq.bias is None for p in projs):
+        return
+    metas = [(p.bits, p.group_size, p.in_features, p.hqq.meta["packing"]) for p in projs]
+    if len(set(metas)) != 1:
+        return
+    attn.qkv_proj = FusedQKV(projs)
+    for i, name in enumerate(ATTN_PROJ[:3]):
+        setattr(attn, name, _Rows(attn.qkv_proj, i))
+
+
 def _quantize_attention(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch.dtype) -> None:
     """Replaces q/k/v/o with hqq's HQQLinear (axis 1, ``attn_group_size``) when ``attn_bits`` < 16; on CUDA,
     wrapped in ``PackedLinear`` where the GEMV kernel reads the layout (chosen once, here)."""
@@ -163,6 +256,7 @@ def _quantize_attention(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch
                                  f"group size {spec.attn_group_size}")
             hqq = HQQLinear(linear, qcfg, compute_dtype=dtype, device=str(linear.weight.device))
             setattr(attn, proj, PackedLinear(hqq) if PackedLinear.supports(hqq) else hqq)
+        _fuse_qkv(attn)
 
 
 def build_shell(ckpt: Path, spec: ShellSpec) -> MixtralForCausalLM:

@@ -183,10 +183,14 @@ class ExpertRunner:
         """For a caller that computes the layer itself (``coordinator.decode``'s CUDA graphs): makes every
         routed expert resident, orders the compute stream after their copies and returns the arena row of each
         (token, k) plus the buffers to pass to ``after_compute`` once the kernels reading them are queued."""
-        self._pump()
+        if self._prefetch_loads or self._orphans:
+            self._pump()
         used = sorted({e for row in routing for e in row})
         self._count_recall(layer, used, decode=len(routing) == 1)
-        rows = self._make_resident(layer, used)
+        # the GPU idles while this runs (between two graph replays): all-resident, the common case, is a
+        # dict check per expert; misses and prefetched spares take the general path
+        hit = self.cache.touch_resident(layer, used)
+        rows = dict(zip(used, hit)) if hit is not None else self._make_resident(layer, used)
         buffers = sorted(set(rows.values()))
         for buf in buffers:
             self.transfers.before_compute(buf)
@@ -320,11 +324,14 @@ class ExpertRunner:
         """Records the guess for ``layer`` (experts, most likely first; scored for recall when the layer
         runs) and prefetches its top ``prefetch`` experts that are not cached."""
         self._predicted[layer] = ranked
-        keep = {ExpertKey(layer, e) for e in ranked[:self.prefetch]}
-        for key in sorted(keep, key=lambda k: ranked.index(k.expert)):
-            if not self.cache.contains(key):
+        wanted = [ExpertKey(layer, e) for e in ranked[:self.prefetch]]  # most likely first
+        missing = [key for key in wanted if not self.cache.contains(key)]
+        if missing:
+            keep = set(wanted)
+            for key in missing:
                 self._issue_prefetch(key, keep)
-        self._pump()
+        if self._prefetch_loads or self._orphans:
+            self._pump()
 
     def _issue_prefetch(self, key: ExpertKey, keep: set[ExpertKey]) -> None:
         manifest = self.manifests[key]
@@ -386,7 +393,7 @@ class ExpertRunner:
             return
         self.recall.used += len(used)
         for n in RECALL_TOP:
-            self.recall.found[n] += len(set(ranked[:n]) & set(used))
+            self.recall.found[n] += sum(1 for e in ranked[:n] if e in used)  # ranked has no repeats
 
     # -- stats ---------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:

@@ -104,6 +104,8 @@ def test_remote_source_paths_exact(tiny_ckpt: Path, workers: list[ServerProcess]
     engine = Coordinator(tiny_ckpt, source, CoordinatorConfig(attn_bits=16, experts_per_layer=k,
                                                                 prefetch=prefetch, zero_copy=zero_copy))
     reference = reference_model(tiny_ckpt)
+    # zero-copy: every expert was mapped and checksummed at start, before any decode step needs it
+    assert source.stats()["zero_copy_verified_ahead"] == (len(engine.runner.manifests) if zero_copy else 0)
     try:
         for prompt in PROMPTS[:3]:
             events = engine.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=12))

@@ -102,7 +102,7 @@ def _hqq_reference_paths(engine: Coordinator) -> None:
 
 @pytest.mark.parametrize(("k", "prefetch", "zero_copy"), [(8, 0, True), (2, 2, True), (1, 1, False)])
 def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int, prefetch: int,
-                              zero_copy: bool) -> None:
+                              zero_copy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same logits (fp16 rounding apart) and the same cache behaviour through the Triton paths as through hqq's;
     k=1 < top-2 makes the layer path fall back to per-expert GEMV calls."""
     from coordinator.model import PackedLinear
@@ -112,10 +112,13 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
     src = make_source(stores=[store])
     cfg = CoordinatorConfig(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy,
                             decode="transformers")  # the graph decoder has its own test below
-    fast, slow = Coordinator(kernel_ckpt, src, cfg), Coordinator(kernel_ckpt, src, cfg)
+    fast = Coordinator(kernel_ckpt, src, cfg)
+    monkeypatch.setattr("coordinator.model.FUSE_QKV", False)  # the reference keeps hqq's separate q/k/v
+    slow = Coordinator(kernel_ckpt, src, cfg)
     try:
         assert fast.runner.path.name == "gemv_layer"
         assert any(isinstance(m, PackedLinear) for m in fast.model.modules())
+        assert all(hasattr(layer.self_attn, "qkv_proj") for layer in fast.model.model.layers)
         _hqq_reference_paths(slow)
         for prompt in ([5, 9, 33], list(range(10, 30))):  # 3 tokens: GEMV everywhere; 20: prefill fallbacks
             kv_f, kv_s = fast.new_kv_cache(), slow.new_kv_cache()

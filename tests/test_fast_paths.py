@@ -121,3 +121,54 @@ def test_refused_registration_is_counted_and_retried_later() -> None:
     assert reg.acquire(owner=1, ptr=8192, nbytes=4096)
     reg.release(1)
     assert cuda.live == {0: 8192}  # never unregisters what it did not register
+
+
+# -- fused q/k/v ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_qkv_holds_exactly_the_three_matrices(bits: int) -> None:
+    """``fuse_packed`` re-packs q/k/v into one hqq matrix: its codes, scales and zeros dequantize to the three
+    layers' own weights stacked, bit for bit (Mixtral-like 4:1:1 rows, hqq's axis-1 u8 packing)."""
+    from hqq.core.bitpack import BitPack
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from coordinator.model import fuse_packed
+
+    torch.manual_seed(bits)
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=64)
+    layers = [HQQLinear(nn.Linear(256, n, bias=False), cfg, compute_dtype=torch.float32, device="cpu")
+              for n in (128, 32, 32)]
+    w_q, scale, zero = fuse_packed(layers)
+    assert w_q.numel() == sum(m.W_q.numel() for m in layers)  # no padding: as compact as the three
+    codes = getattr(BitPack, f"unpack_{bits}bit_u8")(w_q).float()[:scale.shape[0]]
+    fused = ((codes - zero) * scale).reshape(192, 256)
+    assert torch.equal(fused, torch.cat([m.dequantize() for m in layers]))
+    other = HQQLinear(nn.Linear(128, 32, bias=False), cfg, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="input width"):
+        fuse_packed([layers[0], other])
+
+
+def test_fused_qkv_computes_once_per_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers calls q_proj, k_proj and v_proj on one hidden state: the fused module runs once for the
+    three, gives each its rows, and runs again for a new input or a slice asked twice."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from coordinator.model import FusedQKV, PackedLinear, _Rows
+
+    torch.manual_seed(0)
+    cfg = BaseQuantizeConfig(nbits=4, group_size=64)
+    layers = [HQQLinear(nn.Linear(256, n, bias=False), cfg, compute_dtype=torch.float32, device="cpu")
+              for n in (128, 32, 32)]
+    fused = FusedQKV([PackedLinear(m) for m in layers])
+    weight = torch.cat([m.dequantize() for m in layers])
+    calls: list[int] = []
+    monkeypatch.setattr(FusedQKV, "forward", lambda self, x: calls.append(1) or x @ weight.T)  # no Triton on CPU
+    q, k, v = (_Rows(fused, i) for i in range(3))
+    x = torch.randn(1, 3, 256)
+    outs = [q(x), k(x), v(x)]
+    assert len(calls) == 1 and [o.shape[-1] for o in outs] == [128, 32, 32]
+    for out, m in zip(outs, layers):
+        assert torch.allclose(out, x @ m.dequantize().T, atol=1e-5)
+    q(x), q(x)
+    assert len(calls) == 3 and fused._memo is not None
+    k(torch.randn(1, 3, 256))
+    assert len(calls) == 4
