@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run (d)/(e) with 3-bit workers")
     ap.add_argument("--profile-coordinator", action=argparse.BooleanOptionalAction, default=False,
                     help="cProfile the coordinator's decode step in-process (diagnosis)")
+    ap.add_argument("--profile-tokens", type=int, default=24,
+                    help="--profile-coordinator: tokens per phase (half warm-up, half timed; as many under cProfile)")
     ap.add_argument("--work", default="/tmp/moe-bench", help="scratch dir: checkpoint, worker caches, logs")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")

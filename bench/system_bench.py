@@ -194,7 +194,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
         log(f"system: {args.workers} workers serving at {addrs} ({time.perf_counter() - t0:.1f}s)")
         if args.profile_coordinator:
             try:
-                profile_coordinator(ckpt, addrs, caps[0], prompt, args, log, rows)
+                profile_coordinator(ckpt, addrs, caps[0], prompt, args, log, rows, tokens=args.profile_tokens)
             except Exception as e:  # noqa: BLE001 - a diagnosis, not a run
                 import traceback
                 traceback.print_exc()

@@ -13,13 +13,15 @@ P guesses, S positions, V vocab):
     kv          [L, 2, nkv, S, d] keys / values after rotary; row p = position p
     ffn_in[l]   [1, H]           post-attention-norm input of layer l's experts
     ids/wts[l]  [1, K]           routed experts and their weights (layer l's own router)
-    slots[l]    [1, K]           arena rows of those experts (written by the host)
+    rows[l]     [E]              arena row of each expert of layer l (host-written when the cache changes)
+    slots       [1, K]           rows[l][ids[l]]: arena rows of the routed experts, gathered on the device
     route_host  [L, K + P]       pinned: ids of layer l, then the guess for layer l+1
 
 A token is L+1 *segments*; segment l runs layer l−1's experts, then layer l's attention and router, and a
 guess of layer l+1's experts from the same post-attention state (layer l+1's router through its norm: the
 mixtral-offloading trick). Between segments the host reads ``route_host[l]`` (the one sync per layer),
-starts the prefetch of the guess, makes layer l's routed experts resident and writes their slots. Segment L
+starts the prefetch of the guess and makes layer l's routed experts resident; only when that moved one does it
+write ``rows[l]`` (at a hit, the common case, nothing goes up to the device). Segment L
 runs the last experts, the final norm and lm_head.
 
 Attention reads only the first ``span`` positions of the cache: the smallest power of two (≥ MIN_SPAN) that
@@ -78,15 +80,15 @@ class StaticDecoder:
         self.ffn_in = torch.zeros((L, 1, self.H), device=dev, dtype=self.dtype)
         self.ids = torch.zeros((L, 1, K), device=dev, dtype=torch.long)
         self.wts = torch.zeros((L, 1, K), device=dev, dtype=torch.float32)
-        self.slots = torch.zeros((L, 1, K), device=dev, dtype=torch.int32)
         self.logits = torch.zeros(cfg.vocab_size, device=dev, dtype=torch.float32)
         pin = dev.type == "cuda"
         self.route_host = torch.zeros((L, K + self.P), dtype=torch.long, pin_memory=pin)
-        self.slots_host = torch.zeros((L, K), dtype=torch.int32, pin_memory=pin)
+        self.rows = torch.zeros((L, cfg.num_local_experts), device=dev, dtype=torch.int32)
+        self.rows_host = torch.zeros((L, cfg.num_local_experts), dtype=torch.int32, pin_memory=pin)
         # numpy views of the pinned rows and per-layer tensor views, made once: between two graph replays the
         # GPU waits for this host code, and each torch indexing op costs microseconds
-        self._route_np, self._slots_np = self.route_host.numpy(), self.slots_host.numpy()
-        self._slots_rows = [(self.slots_host[layer], self.slots[layer, 0]) for layer in range(L)]
+        self._route_np, self._rows_np = self.route_host.numpy(), self.rows_host.numpy()
+        self._rows_pairs = [(self.rows_host[layer], self.rows[layer]) for layer in range(L)]
         self.length = 0  # positions filled (host mirror of ``pos``)
         self._stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
 
@@ -127,16 +129,18 @@ class StaticDecoder:
 
     # -- host, between segments ----------------------------------------------------------------------
     def _before_segment(self, seg: int) -> list[int]:
-        """Graph mode, before segment seg: layer seg−1's routed experts made resident (arena rows up to
-        ``slots``). The guess for layer seg is prefetched only after this: issued first, it could take the
+        """Graph mode, before segment seg: layer seg−1's routed experts made resident (their arena rows in
+        ``rows``, which the segment gathers). The guess for layer seg is prefetched only after this: issued first, it could take the
         spare buffer of a prefetched expert that layer seg−1 is about to use."""
         if seg == 0:
             return []
         layer = seg - 1
         rows, buffers = self.runner.resident_rows(layer, [self._route_np[layer, :self.K].tolist()])
-        self._slots_np[layer] = rows[0]  # the last copy out of this row finished: a sync came since
-        host, device = self._slots_rows[layer]
-        device.copy_(host, non_blocking=True)
+        ids, table = self._route_np[layer, :self.K], self._rows_np[layer]
+        if (table[ids] != rows[0]).any():  # the cache moved one of them: the device's copy of the row is stale
+            table[ids] = rows[0]  # the last copy out of this row finished: a sync came since
+            host, device = self._rows_pairs[layer]
+            device.copy_(host, non_blocking=True)  # ~25 µs of host time, hence only on a change
         return buffers
 
     def _predict(self, layer: int) -> None:
@@ -184,7 +188,8 @@ class StaticDecoder:
         if self.graphs_wanted:
             layout = self.runner.path.layout
             assert layout is not None
-            return gk.moe_ffn(self.ffn_in[layer], self.runner.cache.arena, self.slots[layer], self.wts[layer], layout)
+            slots = self.rows[layer][self.ids[layer]]  # gathered here, after the host's update between segments
+            return gk.moe_ffn(self.ffn_in[layer], self.runner.cache.arena, slots, self.wts[layer], layout)
         out = self.runner.run_layer(layer, self.ffn_in[layer], self.ids[layer], self.wts[layer])
         self._predict(layer + 1)
         return out
@@ -219,7 +224,6 @@ class StaticDecoder:
         rewritten by the real step); warm-up (Triton compiles) on a side stream first, as torch asks."""
         saved_pos = self.pos.clone()
         try:
-            self.slots.zero_()
             side = torch.cuda.Stream(self.dev)
             side.wait_stream(torch.cuda.current_stream(self.dev))
             with torch.cuda.stream(side):

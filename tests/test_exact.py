@@ -154,3 +154,32 @@ def test_static_decoder_holds_its_request(tiny_ckpt: Path, tiny_exact: ExpertSou
     finally:
         engine.close()
         plain.close()
+
+
+def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact: ExpertSource) -> None:
+    """What the host does between two graph replays, run on CPU: after each layer's routed experts are made
+    resident, ``decoder.rows`` (what the next segment gathers its arena rows from) names the row each routed
+    expert sits in, through misses and evictions (k = 2 of 8), and every buffer keeps one owner."""
+    import random
+
+    engine = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, experts_per_layer=2, prefetch=1,
+                                                                  decode="static"))
+    decoder, runner, rng = engine.decoder, engine.runner, random.Random(0)
+    assert decoder is not None
+    try:
+        for _ in range(40):
+            runner.begin_step()
+            for layer in range(decoder.L):
+                routed = rng.sample(range(8), 2)
+                decoder.route_host[layer, :2] = torch.tensor(routed)
+                decoder.route_host[layer, 2:] = torch.tensor(rng.sample(range(8), decoder.P))
+                runner.after_compute(decoder._before_segment(layer + 1))
+                cached = {e: b for e, b in runner.cache._lru[layer].items()}
+                assert decoder.rows[layer][routed].tolist() == [cached[e] for e in routed]
+                decoder._predict(layer + 1)
+            runner.settle()
+            engine.cache.check()
+        stats = runner.stats()
+        assert stats["cache_misses"] > 0 and stats["prefetch_issued"] > 0
+    finally:
+        engine.close()
