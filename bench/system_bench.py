@@ -205,13 +205,12 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
             for cap in caps:
                 offloading_eager(ckpt, addrs, cap, prompt, args, ctx_bytes, log, over_budget, rows,
                                  templates[0][1].nbytes)
-        prefetches = [int(p) for p in str(args.sys_prefetch).split(",")]
+        settings = prefetch_settings(args.sys_prefetch)
         plan = [] if args.system_runs in ("inloop", "profile") else [
-            ("d_workers_shm_zero_copy" + ("" if p == prefetches[0] else f"_prefetch{p}"), cap, ["--prefetch", str(p)],
-             args.new_tokens) for p in prefetches for cap in caps]
+            ("d_workers_shm_zero_copy" + ("" if i == 0 else suffix), cap, flags, args.new_tokens)
+            for i, (suffix, flags) in enumerate(settings) for cap in caps]
         if args.grpc_tokens > 0 and args.system_runs == "all":
-            plan.append(("e_workers_grpc_stream", caps[0], ["--no-zero-copy", "--prefetch", str(prefetches[0])],
-                         args.grpc_tokens))
+            plan.append(("e_workers_grpc_stream", caps[0], ["--no-zero-copy", *settings[0][1]], args.grpc_tokens))
         for name, cap, extra, n in plan:
             if over_budget(60 + n * (1.0 if name.startswith("e_") else 0.15)):
                 rows.append({"variant": name, "bits": spec.bits, "cap_gb": cap, "skipped": "time budget"})
@@ -261,6 +260,18 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
     finally:
         for w in workers:
             w.stop()
+
+
+def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
+    """``--sys-prefetch`` items, "P" or "P:A" (prefetch P experts per guess, guesses A layers ahead), as (row
+    name suffix, coordinator flags); the first item is (d) itself."""
+    out = []
+    for item in str(spec).split(","):
+        p, _, a = item.partition(":")
+        ahead = int(a or 1)
+        out.append((f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else ""),
+                    ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]))
+    return out
 
 
 def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any, ctx_bytes: int,
@@ -339,7 +350,7 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
     stream = torch.randint(0, 32000, (2 * tokens,), generator=gen).tolist()
     src = RemoteSource(addrs.split(","))
     text, plain = "", {}
-    for prefetch in (int(str(args.sys_prefetch).split(",")[0]), 0):
+    for prefetch in (int(str(args.sys_prefetch).split(",")[0].split(":")[0]), 0):
         co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda", gpu_memory_gb=cap * 1e9 / 2**30,
                                                       max_seq_len=512, prefetch=prefetch, fetch_workers=8))
         try:

@@ -34,6 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     mem.add_argument("--gpu-memory-gb", type=float, help="device memory budget; sets the cache size")
     mem.add_argument("--experts-per-layer", type=_positive_int, help="cache slots per layer (k)")
     p.add_argument("--prefetch", type=int, default=2, help="next-layer experts to prefetch (0 = off)")
+    p.add_argument("--prefetch-ahead", type=int, choices=(1, 2), default=1,
+                   help="layers guessed ahead by the static/graph decoder (2: also the layer after next)")
     p.add_argument("--attn-bits", type=int, choices=(4, 8, 16), default=4, help="hqq bits for attention")
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
     p.add_argument("--fetch-workers", type=_positive_int, default=4, help="expert transfers in flight")
@@ -78,7 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def engine_config(args: argparse.Namespace, **overrides: object) -> CoordinatorConfig:
     return CoordinatorConfig(
         device=args.device or default_device(), experts_per_layer=args.experts_per_layer,
-        gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, attn_bits=args.attn_bits,
+        gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
+        attn_bits=args.attn_bits,
         max_seq_len=args.max_seq_len, max_queue=getattr(args, "max_queue", 16),
         fetch_workers=args.fetch_workers, fetch_timeout_s=args.fetch_timeout_s,
         zero_copy=not args.no_zero_copy, decode=args.decode).with_(**overrides)

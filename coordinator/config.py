@@ -28,7 +28,10 @@ class CoordinatorConfig:
     """Device memory budget for everything the coordinator allocates (weights, KV cache, expert cache,
     workspace); sets k when ``experts_per_layer`` is None."""
     prefetch: int = 2
-    """Experts of layer l+1 to prefetch after layer l (0 = off); also the number of spare buffers."""
+    """Experts of layer l+1 to prefetch after layer l (0 = off); also the number of spare buffers per guess."""
+    prefetch_ahead: int = 1
+    """Layers guessed ahead by the static/graph decoder: 1, or 2 to also prefetch layer l+2's likely experts
+    (found less often, but twice as early: ``bench/prefetch_reach``). Spare buffers: prefetch x this."""
     attn_bits: int = 4
     """hqq bits for attention q/k/v/o: 4, 8 or 16 (as in the checkpoint)."""
     attn_group_size: int = 64
@@ -59,12 +62,19 @@ class CoordinatorConfig:
             raise ValueError(f"gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
         if self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.prefetch_ahead not in (1, 2):
+            raise ValueError(f"prefetch_ahead must be 1 or 2, got {self.prefetch_ahead}")
         if self.attn_bits not in (4, 8, 16):
             raise ValueError(f"attn_bits must be 4, 8 or 16, got {self.attn_bits}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if self.max_queue < 0 or self.fetch_workers < 1:
             raise ValueError("max_queue must be >= 0 and fetch_workers >= 1")
+
+    @property
+    def spares(self) -> int:
+        """Spare buffers for prefetched experts: one per expert each guess may prefetch."""
+        return self.prefetch * self.prefetch_ahead
 
     def with_(self, **changes: object) -> CoordinatorConfig:
         return replace(self, **changes)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ P guesses, S positions, V vocab):
     ids/wts[l]  [1, K]           routed experts and their weights (layer l's own router)
     rows[l]     [E]              arena row of each expert of layer l (host-written when the cache changes)
     slots       [1, K]           rows[l][ids[l]]: arena rows of the routed experts, gathered on the device
-    route_host  [L, K + P]       pinned: ids of layer l, then the guess for layer l+1
+    route_host  [L, K + P + P2]  pinned: ids of layer l, the guess for layer l+1, then (ahead 2) for l+2
 
 A token is L+1 *segments*; segment l runs layer l−1's experts, then layer l's attention and router, and a
 guess of layer l+1's experts from the same post-attention state (layer l+1's router through its norm: the
@@ -49,7 +49,8 @@ MIN_SPAN = 256
 class StaticDecoder:
     """Single-token steps for one sequence at a time, on the buffers of one coordinator."""
 
-    def __init__(self, model: nn.Module, runner: ExpertRunner, max_positions: int, graphs: bool) -> None:
+    def __init__(self, model: nn.Module, runner: ExpertRunner, max_positions: int, graphs: bool,
+                 ahead: int = 1) -> None:
         cfg = model.config
         self.model, self.runner, self.layers = model, runner, model.model.layers
         attn = self.layers[0].self_attn
@@ -59,6 +60,7 @@ class StaticDecoder:
         self.S, self.dev = max_positions, model.model.embed_tokens.weight.device
         self.dtype = model.model.embed_tokens.weight.dtype
         self.P = min(cfg.num_local_experts, GUESS_TOP) if runner.prefetch > 0 else 0
+        self.P2 = min(cfg.num_local_experts, runner.prefetch) if ahead > 1 else 0  # prefetched, not scored
         self.graphs_wanted = graphs
         # graphs: transformers' RMSNorm modules as one fused launch each (checked against the module first)
         norm = FusedRMSNorm.wrap if graphs else (lambda m: m)
@@ -82,7 +84,7 @@ class StaticDecoder:
         self.wts = torch.zeros((L, 1, K), device=dev, dtype=torch.float32)
         self.logits = torch.zeros(cfg.vocab_size, device=dev, dtype=torch.float32)
         pin = dev.type == "cuda"
-        self.route_host = torch.zeros((L, K + self.P), dtype=torch.long, pin_memory=pin)
+        self.route_host = torch.zeros((L, K + self.P + self.P2), dtype=torch.long, pin_memory=pin)
         self.rows = torch.zeros((L, cfg.num_local_experts), device=dev, dtype=torch.int32)
         self.rows_host = torch.zeros((L, cfg.num_local_experts), dtype=torch.int32, pin_memory=pin)
         # numpy views of the pinned rows and per-layer tensor views, made once: between two graph replays the
@@ -146,7 +148,9 @@ class StaticDecoder:
     def _predict(self, layer: int) -> None:
         """Prefetches the guess for ``layer`` made in the previous segment (once that layer's experts ran)."""
         if self.P and 0 < layer < self.L:
-            self.runner.predict(layer, self._route_np[layer - 1, self.K:].tolist())
+            self.runner.predict(layer, self._route_np[layer - 1, self.K:self.K + self.P].tolist())
+        if self.P2 and 0 < layer < self.L - 1:  # two segments before layer+1 runs, behind the nearer guess
+            self.runner.predict_ahead(layer + 1, self._route_np[layer - 1, self.K + self.P:].tolist())
 
     def _span_for(self, n: int) -> int:
         """Cache positions attention reads for a sequence of ``n``: a power of two, at least MIN_SPAN, at most S."""
@@ -177,11 +181,12 @@ class StaticDecoder:
         self.wts[seg].copy_(weights / weights.sum(dim=-1, keepdim=True))
         self.ids[seg].copy_(ids)
         self.route_host[seg, :self.K].copy_(ids[0], non_blocking=True)
-        if self.P and seg + 1 < self.L:
-            nxt = self.layers[seg + 1]
-            guess = F.linear(self.post_norm[seg + 1](self.x).view(1, self.H), nxt.mlp.gate.weight)
-            self.route_host[seg, self.K:].copy_(torch.topk(guess.float(), self.P, dim=-1).indices[0],
-                                               non_blocking=True)
+        for ahead, width, col in ((1, self.P, self.K), (2, self.P2, self.K + self.P)):
+            if width and seg + ahead < self.L:  # layer seg+ahead's router on this state, through its norm
+                nxt = self.layers[seg + ahead]
+                guess = F.linear(self.post_norm[seg + ahead](self.x).view(1, self.H), nxt.mlp.gate.weight)
+                self.route_host[seg, col:col + width].copy_(torch.topk(guess.float(), width, dim=-1).indices[0],
+                                                           non_blocking=True)
 
     def _experts(self, layer: int) -> torch.Tensor:
         """[1, H]: the routing-weighted experts of ``layer`` on ``ffn_in[layer]``."""

@@ -108,9 +108,9 @@ class Coordinator:
         slot_bytes = -(-max(m.nbytes for m in manifests.values()) // ALIGN) * ALIGN
         self.max_positions = min(mc.max_position_embeddings, config.max_seq_len or mc.max_position_embeddings)
         self.slots_per_layer = self._slots_per_layer(slot_bytes)
-        self.cache = ExpertCache(mc.num_hidden_layers, self.slots_per_layer, config.prefetch, slot_bytes,
+        self.cache = ExpertCache(mc.num_hidden_layers, self.slots_per_layer, config.spares, slot_bytes,
                                  self.device)
-        self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.prefetch,
+        self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.spares,
                                    workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
                                    zero_copy=config.zero_copy)
         t0 = time.monotonic()
@@ -133,7 +133,7 @@ class Coordinator:
                                           "prompt_tokens": 0, "generated_tokens": 0, "ttft_ms_sum": 0.0,
                                           "decode_tokens": 0, "decode_seconds": 0.0, "gpu_peak_bytes": 0}
         log.info("coordinator ready: %d slots/layer x %d layers of %d bytes, %d spares, device %s",
-                 self.slots_per_layer, mc.num_hidden_layers, slot_bytes, config.prefetch, self.device)
+                 self.slots_per_layer, mc.num_hidden_layers, slot_bytes, config.spares, self.device)
 
     # -- sizing --------------------------------------------------------------------------------------
     def _kv_bytes(self, dtype: torch.dtype) -> int:
@@ -159,7 +159,7 @@ class Coordinator:
         workspace = 2 * dequant + activations + 2 * mc.vocab_size * 4
         workspace += CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
         left = budget - non_expert_bytes(self.model) - self._kv_bytes(dtype) - workspace
-        left -= cfg.prefetch * slot_bytes
+        left -= cfg.spares * slot_bytes
         k = int(left // (mc.num_hidden_layers * slot_bytes))
         if k < 1:
             need = (budget - left + mc.num_hidden_layers * slot_bytes) / GIB
@@ -269,11 +269,15 @@ class Coordinator:
         if mode == "auto":
             mode = "graphs" if fits else "transformers"
         if mode == "transformers":
+            if self.config.prefetch_ahead > 1:
+                log.warning("prefetch_ahead %d applies to the static/graph decoder only; transformers' forward "
+                            "guesses one layer ahead", self.config.prefetch_ahead)
             return None
         if mode == "graphs" and not fits:
             raise ValueError("decode 'graphs' needs CUDA, the fused Triton expert kernels (SiLU, 2/4/8-bit u8 "
                              "experts) and at least as many cache slots per layer as experts per token")
-        return StaticDecoder(self.model, self.runner, self.max_positions, graphs=mode == "graphs")
+        return StaticDecoder(self.model, self.runner, self.max_positions, graphs=mode == "graphs",
+                             ahead=self.config.prefetch_ahead)
 
     # -- stats ---------------------------------------------------------------------------------------
     def _count(self, key: str, n: float = 1) -> None:

@@ -147,6 +147,7 @@ class ExpertRunner:
         self._prefetch_loads: dict[ExpertKey, tuple[Load, int]] = {}  # unlanded prefetches -> spare buffer
         self._orphans: list[Load] = []  # prefetches whose spare was reclaimed before they landed
         self._predicted: dict[int, list[int]] = {}  # layer -> experts ranked by the previous layer's guess
+        self._held: set[ExpertKey] = set()  # what the latest ``predict`` wants kept (``predict_ahead`` spares it)
         for i, layer in enumerate(self.layers):
             layer.mlp.experts.runner = self
             if prefetch > 0 and i + 1 < len(self.layers):
@@ -324,14 +325,25 @@ class ExpertRunner:
         """Records the guess for ``layer`` (experts, most likely first; scored for recall when the layer
         runs) and prefetches its top ``prefetch`` experts that are not cached."""
         self._predicted[layer] = ranked
+        self._held = self._prefetch_top(layer, ranked, set())
+
+    def predict_ahead(self, layer: int, ranked: list[int]) -> None:
+        """A guess made two layers ahead (``prefetch_ahead`` 2): prefetched like ``predict``'s, after it, without
+        taking the spare of an expert the nearer guess holds; not scored for recall (the nearer guess for
+        this layer comes later and replaces it)."""
+        self._prefetch_top(layer, ranked, self._held)
+
+    def _prefetch_top(self, layer: int, ranked: list[int], held: set[ExpertKey]) -> set[ExpertKey]:
+        """Prefetches the top ``prefetch`` of ``ranked`` that are not cached; returns their keys."""
         wanted = [ExpertKey(layer, e) for e in ranked[:self.prefetch]]  # most likely first
         missing = [key for key in wanted if not self.cache.contains(key)]
         if missing:
-            keep = set(wanted)
+            keep = set(wanted) | held
             for key in missing:
                 self._issue_prefetch(key, keep)
         if self._prefetch_loads or self._orphans:
             self._pump()
+        return set(wanted)
 
     def _issue_prefetch(self, key: ExpertKey, keep: set[ExpertKey]) -> None:
         manifest = self.manifests[key]

@@ -67,12 +67,13 @@ def assert_matches(ckpt: Path, source: ExpertSource, reference: torch.nn.Module,
         engine.close()
 
 
-@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "decode"),
-                         [(1, 0, True, "transformers"), (1, 2, False, "transformers"), (8, 0, False, "transformers"),
-                          (8, 2, True, "transformers"), (3, 3, False, "transformers"),
-                          (1, 2, True, "static"), (8, 0, False, "static"), (2, 1, False, "static")])
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "decode", "ahead"),
+                         [(1, 0, True, "transformers", 1), (1, 2, False, "transformers", 1),
+                          (8, 0, False, "transformers", 1), (8, 2, True, "transformers", 1),
+                          (3, 3, False, "transformers", 1), (1, 2, True, "static", 1), (8, 0, False, "static", 1),
+                          (2, 1, False, "static", 1), (2, 2, True, "static", 2), (1, 1, False, "static", 2)])
 def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch: int, zero_copy: bool,
-                    decode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+                    decode: str, ahead: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """decode "static" is coordinator.decode (the CUDA-graph code, run eagerly): same tokens as transformers,
     with attention spans of 8, 16, 32, 64 positions crossed as the sequences grow."""
     import coordinator.decode
@@ -80,7 +81,7 @@ def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch:
     monkeypatch.setattr(coordinator.decode, "MIN_SPAN", 8)
     reference = reference_model(tiny_ckpt)  # the checkpoint's own experts, as from_pretrained loads them
     cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy,
-                            decode=decode)
+                            decode=decode, prefetch_ahead=ahead)
     stats = assert_matches(tiny_ckpt, tiny_exact, reference, TINY_PROMPTS, cfg)
     assert stats["cache_misses"] > 0
     if prefetch:
@@ -156,14 +157,16 @@ def test_static_decoder_holds_its_request(tiny_ckpt: Path, tiny_exact: ExpertSou
         plain.close()
 
 
-def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact: ExpertSource) -> None:
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact: ExpertSource, ahead: int) -> None:
     """What the host does between two graph replays, run on CPU: after each layer's routed experts are made
     resident, ``decoder.rows`` (what the next segment gathers its arena rows from) names the row each routed
-    expert sits in, through misses and evictions (k = 2 of 8), and every buffer keeps one owner."""
+    expert sits in, through misses, evictions (k = 2 of 8) and guesses one or two layers ahead, and every
+    buffer keeps one owner."""
     import random
 
     engine = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, experts_per_layer=2, prefetch=1,
-                                                                  decode="static"))
+                                                                  decode="static", prefetch_ahead=ahead))
     decoder, runner, rng = engine.decoder, engine.runner, random.Random(0)
     assert decoder is not None
     try:
@@ -172,7 +175,7 @@ def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact
             for layer in range(decoder.L):
                 routed = rng.sample(range(8), 2)
                 decoder.route_host[layer, :2] = torch.tensor(routed)
-                decoder.route_host[layer, 2:] = torch.tensor(rng.sample(range(8), decoder.P))
+                decoder.route_host[layer, 2:] = torch.tensor(rng.sample(range(8), decoder.P + decoder.P2))
                 runner.after_compute(decoder._before_segment(layer + 1))
                 cached = {e: b for e, b in runner.cache._lru[layer].items()}
                 assert decoder.rows[layer][routed].tolist() == [cached[e] for e in routed]
