@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy.spec import ATTN_BITS, EXPERT_BITS, NAMESPACE, DeployError, DeploySpec
+from deploy.spec import ATTN_BITS, DECODE_MODES, EXPERT_BITS, NAMESPACE, DeployError, DeploySpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     mem.add_argument("--experts-per-layer", type=int, default=None, help="coordinator cache slots per layer")
     mem.add_argument("--gpu-memory-gb", type=float, default=None, help="coordinator device memory budget")
     up.add_argument("--prefetch", type=int, default=2, help="next-layer experts to prefetch, 0 = off [2]")
+    up.add_argument("--prefetch-ahead", type=int, choices=(1, 2), default=1,
+                    help="layers the coordinator's decoder guesses ahead [1]")
+    up.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                    help="coordinator single-token steps: graphs, static, transformers, or auto [auto]")
     up.add_argument("--expert-host", type=float, default=1.0,
                     help="units of the expert_host resource per worker [1]")
     up.add_argument("--auth-token-file", default=None, metavar="FILE",
@@ -102,7 +106,8 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
     return DeploySpec(model=args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
                       attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
-                      gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, namespace=args.namespace,
+                      gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead, decode=args.decode,
+                      namespace=args.namespace,
                       expert_host=args.expert_host, auth_token_file=_absolute(args.auth_token_file),
                       tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),
                       tls_root=_absolute(args.tls_root), ready_timeout_s=args.timeout)

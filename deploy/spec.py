@@ -15,6 +15,7 @@ WORKER_PREFIX = "expert-worker"
 """Prefix of expert worker actor names (the one ``coordinator --ray`` discovery looks for)."""
 EXPERT_BITS = (2, 3, 4, 8, 16)
 ATTN_BITS = (4, 8, 16)
+DECODE_MODES = ("auto", "graphs", "static", "transformers")  # coordinator.config's (which imports torch)
 
 
 class DeployError(RuntimeError):
@@ -49,6 +50,10 @@ class DeploySpec:
     """Coordinator device memory budget (sets the cache size)."""
     prefetch: int = 2
     """Next-layer experts the coordinator prefetches (0 = off)."""
+    prefetch_ahead: int = 1
+    """Layers the coordinator's decoder guesses ahead (1 or 2; ``CoordinatorConfig.prefetch_ahead``)."""
+    decode: str = "auto"
+    """How the coordinator runs single-token steps (``CoordinatorConfig.decode``)."""
     namespace: str = NAMESPACE
     """Ray namespace of the deployment's actors."""
     expert_host: float = 1.0
@@ -78,6 +83,11 @@ class DeploySpec:
             raise ValueError(f"expert bits must be one of {EXPERT_BITS}, got {self.expert_bits}")
         if self.attn_bits not in ATTN_BITS:
             raise ValueError(f"attention bits must be one of {ATTN_BITS}, got {self.attn_bits}")
+        if self.prefetch < 0 or self.prefetch_ahead not in (1, 2):
+            raise ValueError(f"prefetch must be >= 0 and prefetch_ahead 1 or 2, got {self.prefetch}, "
+                             f"{self.prefetch_ahead}")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.device not in (None, "cuda", "cpu") and not str(self.device).startswith("cuda:"):
@@ -131,7 +141,7 @@ class DeploySpec:
         args = ["serve", "--model", self.model, "--ray", ray_address, "--ray-namespace", self.namespace,
                 "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
-                "--prefetch", str(self.prefetch)]
+                "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead), "--decode", self.decode]
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]
         elif self.gpu_memory_gb is not None:

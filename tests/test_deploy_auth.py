@@ -142,3 +142,19 @@ def test_the_token_travels_as_a_path(tmp_path: Path, secrets: dict[str, Path]) -
     assert config.auth_token == TOKEN and TOKEN not in repr(config) and TOKEN not in repr(config.security)
     with pytest.raises(ValueError, match="cannot read the auth token file"):
         ServerConfig(auth_token_file=str(tmp_path / "missing")).resolved()
+
+
+def test_coordinator_args_carry_the_decode_settings() -> None:
+    """``deploy up --prefetch N --prefetch-ahead A --decode MODE`` reach the coordinator's command line; bad
+    values are refused before anything starts."""
+    spec = DeploySpec(model="tiny-random", prefetch=3, prefetch_ahead=2, decode="static")
+    args = spec.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
+    assert args[args.index("--prefetch") + 1] == "3" and args[args.index("--prefetch-ahead") + 1] == "2"
+    assert args[args.index("--decode") + 1] == "static"
+    from coordinator.config import DECODE_MODES
+    from deploy.spec import DECODE_MODES as DEPLOY_DECODE_MODES
+
+    assert DEPLOY_DECODE_MODES == DECODE_MODES  # deploy keeps its own copy to stay free of torch
+    for bad in ({"prefetch": -1}, {"prefetch_ahead": 3}, {"decode": "fast"}):
+        with pytest.raises(ValueError, match="prefetch|decode"):
+            DeploySpec(model="tiny-random", **bad)  # type: ignore[arg-type]
