@@ -137,8 +137,8 @@ class StaticDecoder:
         if seg == 0:
             return []
         layer = seg - 1
-        rows, buffers = self.runner.resident_rows(layer, [self._route_np[layer, :self.K].tolist()])
         ids, table = self._route_np[layer, :self.K], self._rows_np[layer]
+        rows, buffers = self.runner.resident_rows(layer, [ids.tolist()])
         if (table[ids] != rows[0]).any():  # the cache moved one of them: the device's copy of the row is stale
             table[ids] = rows[0]  # the last copy out of this row finished: a sync came since
             host, device = self._rows_pairs[layer]

@@ -153,12 +153,9 @@ def fuse_packed(layers: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor, to
     (scales and zeros are per group row, n-major: they simply stack)."""
     from hqq.core.bitpack import BitPack
 
+    if len({(m.meta["packing"], m.meta["group_size"], m.meta["shape"][1]) for m in layers}) != 1:
+        raise ValueError("only layers with one packing, group size and input width fuse")
     packing = layers[0].meta["packing"]
-    for m in layers:
-        meta = m.meta
-        if (meta["packing"], meta["group_size"], meta["shape"][1]) != (packing, layers[0].meta["group_size"],
-                                                                       layers[0].meta["shape"][1]):
-            raise ValueError("only layers with one packing, group size and input width fuse")
     unpack, pack = getattr(BitPack, f"unpack_{packing}"), getattr(BitPack, f"pack_{packing}")
     codes = torch.cat([unpack(m.W_q)[:m.meta["scale"].shape[0]] for m in layers])  # [R total, group]
     return (pack(codes), torch.cat([m.meta["scale"] for m in layers]), torch.cat([m.meta["zero"] for m in layers]))

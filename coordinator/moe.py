@@ -184,14 +184,10 @@ class ExpertRunner:
         """For a caller that computes the layer itself (``coordinator.decode``'s CUDA graphs): makes every
         routed expert resident, orders the compute stream after their copies and returns the arena row of each
         (token, k) plus the buffers to pass to ``after_compute`` once the kernels reading them are queued."""
-        if self._prefetch_loads or self._orphans:
-            self._pump()
+        self._pump()
         used = sorted({e for row in routing for e in row})
         self._count_recall(layer, used, decode=len(routing) == 1)
-        # the GPU idles while this runs (between two graph replays): all-resident, the common case, is a
-        # dict check per expert; misses and prefetched spares take the general path
-        hit = self.cache.touch_resident(layer, used)
-        rows = dict(zip(used, hit)) if hit is not None else self._make_resident(layer, used)
+        rows = self._make_resident(layer, used)
         buffers = sorted(set(rows.values()))
         for buf in buffers:
             self.transfers.before_compute(buf)
@@ -246,6 +242,9 @@ class ExpertRunner:
     def _make_resident(self, layer: int, used: list[int]) -> dict[int, int]:
         """Every expert of ``used`` in an arena row of ``layer`` (misses land, prefetched ones join the LRU):
         expert -> row. Needs len(used) <= slots_per_layer."""
+        hit = self.cache.touch_resident(layer, used)  # all resident, the common case: a dict check per expert
+        if hit is not None:
+            return dict(zip(used, hit))
         found = self.cache.lookup(layer, used)
         misses = [self._start(ExpertKey(layer, f.expert)) for f in found if f.buffer is None]
         rows = {f.expert: f.buffer for f in found if f.buffer is not None}
@@ -341,8 +340,7 @@ class ExpertRunner:
             keep = set(wanted) | held
             for key in missing:
                 self._issue_prefetch(key, keep)
-        if self._prefetch_loads or self._orphans:
-            self._pump()
+        self._pump()
         return set(wanted)
 
     def _issue_prefetch(self, key: ExpertKey, keep: set[ExpertKey]) -> None:
@@ -372,6 +370,8 @@ class ExpertRunner:
 
     def _pump(self) -> None:
         """Issues device copies for prefetches whose host part is done; drops orphans."""
+        if not (self._prefetch_loads or self._orphans):
+            return  # the usual case, between two graph replays: nothing in flight
         for load in [ld for ld in self._orphans if ld.ready()]:
             self._orphans.remove(load)
             self._discard(load)

@@ -106,8 +106,8 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
     return DeploySpec(model=args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
                       attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
-                      gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead, decode=args.decode,
-                      namespace=args.namespace,
+                      gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
+                      decode=args.decode, namespace=args.namespace,
                       expert_host=args.expert_host, auth_token_file=_absolute(args.auth_token_file),
                       tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),
                       tls_root=_absolute(args.tls_root), ready_timeout_s=args.timeout)

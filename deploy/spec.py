@@ -141,7 +141,8 @@ class DeploySpec:
         args = ["serve", "--model", self.model, "--ray", ray_address, "--ray-namespace", self.namespace,
                 "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
-                "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead), "--decode", self.decode]
+                "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
+                "--decode", self.decode]
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]
         elif self.gpu_memory_gb is not None:
