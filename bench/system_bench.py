@@ -204,7 +204,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
         if args.offloading_eager and args.system_runs == "all":
             for cap in caps:
                 offloading_eager(ckpt, addrs, cap, prompt, args, ctx_bytes, log, over_budget, rows,
-                                 templates[0][1].nbytes)
+                                 templates[0][1].nbytes, spec.bits)
         settings = prefetch_settings(args.sys_prefetch)
         plan = [] if args.system_runs in ("inloop", "profile") else [
             ("d_workers_shm_zero_copy" + ("" if i == 0 else suffix), cap, flags, args.new_tokens)
@@ -263,20 +263,23 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
 
 
 def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
-    """``--sys-prefetch`` items, "P" or "P:A" (prefetch P experts per guess, guesses A layers ahead), as (row
-    name suffix, coordinator flags); the first item is (d) itself."""
+    """``--sys-prefetch`` items, "P", "P:A" (prefetch P experts per guess, guesses A layers ahead), either
+    with a trailing "n" (no speculative segments: ``--no-speculate``), as (row name suffix, coordinator
+    flags); the first item is (d) itself."""
     out = []
     for item in str(spec).split(","):
-        p, _, a = item.partition(":")
+        nospec = item.endswith("n")
+        p, _, a = item.removesuffix("n").partition(":")
         ahead = int(a or 1)
-        out.append((f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else ""),
-                    ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]))
+        out.append((f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else ""),
+                    ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)] + (["--no-speculate"] if nospec
+                                                                                    else [])))
     return out
 
 
 def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any, ctx_bytes: int,
                      log: Callable[[str], None], over_budget: Callable[[float], bool], rows: list[dict[str, Any]],
-                     expert_bytes: int) -> None:
+                     expert_bytes: int, bits: int = 2) -> None:
     """(c) as mixtral-offloading builds it: transformers' own eager forward (one launch per op, no CUDA graphs),
     a per-layer LRU of k experts, a miss copied on demand from pinned host memory, no prefetch. It runs in this
     process on our Coordinator (``decode="transformers"``, prefetch 0, same cap and so the same k as (d)); the
@@ -288,7 +291,7 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
 
     name, n = "c_offloading_eager", max(16, args.new_tokens // 2)
     if over_budget(40 + n * 0.08):
-        rows.append({"variant": name, "bits": 2, "cap_gb": cap, "skipped": "time budget"})
+        rows.append({"variant": name, "bits": bits, "cap_gb": cap, "skipped": "time budget"})
         return
     src = RemoteSource(addrs.split(","))
     cuda = args.device.startswith("cuda")
@@ -310,7 +313,7 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
             ms = _timed_steps(co, kv, stream[args.warmup:])
             after = co.runner.stats()
         d = {k: after[k] - before[k] for k in ("expert_uses", "cache_hits", "cache_misses", "bytes_fetched")}
-        row = {"variant": name, "bits": 2, "cap_gb": cap, "k": co.slots_per_layer, "tokens": n, "graphs": False,
+        row = {"variant": name, "bits": bits, "cap_gb": cap, "k": co.slots_per_layer, "tokens": n, "graphs": False,
                "expert_bytes": expert_bytes, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, **d,
                "hit_rate": d["cache_hits"] / d["expert_uses"] if d["expert_uses"] else 0.0,
                "prefetch_recall": None, "bytes_per_token": d["bytes_fetched"] / n,
@@ -318,11 +321,11 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
                "vram_note": "peak allocated by this coordinator (above the bench loop's own) + CUDA context",
                "token_ids": []}
         rows.append(row)
-        log(f"{name:28s} bits=2 cap={cap} k={row['k']}: {row['tokens_per_s']:.2f} tok/s ({ms:.2f} ms/token) "
+        log(f"{name:28s} bits={bits} cap={cap} k={row['k']}: {row['tokens_per_s']:.2f} tok/s ({ms:.2f} ms/token) "
             f"hit={row['hit_rate']:.3f} MB/token={row['bytes_per_token'] / 1e6:.1f} "
             f"vram={row['vram_peak_bytes'] / 1e9:.2f} GB")
     except Exception as e:  # noqa: BLE001 - record the failure, keep the other runs
-        rows.append({"variant": name, "bits": 2, "cap_gb": cap, "skipped": f"error: {e}"[:300]})
+        rows.append({"variant": name, "bits": bits, "cap_gb": cap, "skipped": f"error: {e}"[:300]})
         log(f"{name} cap={cap} failed: {e}")
     finally:
         co.close()

@@ -49,6 +49,9 @@ class CoordinatorConfig:
     needs CUDA, the fused expert kernels and ``experts_per_layer`` >= experts per token), "static" (the same
     code without graphs), "transformers" (the model's own forward), "auto" (graphs where they apply, else
     transformers). Prefill always runs transformers' forward."""
+    speculate: bool = True
+    """Static/graph decoder: queue segment l+1 before layer l's routing is read, on the bet that its experts
+    are where the rows table says (redone when not), so the GPU does not wait for the host between layers."""
     zero_copy: bool = True
     """Copy straight from a co-located worker's shared memory when the source offers it (else always fetch
     through the source's transport into staging)."""

@@ -8,7 +8,7 @@ each piece between two host decisions can be captured once as a CUDA graph and r
 Shape legend (one token; L layers, H hidden, nh/nkv query/kv heads of d, G = nh/nkv, K experts per token,
 P guesses, S positions, V vocab):
 
-    x           [1, 1, H]        residual stream
+    xs[s % 2]   [1, 1, H]        residual stream after segment s (two buffers: a redone segment's input stays)
     q           [nkv, G, d]      the G query heads sharing kv head j, as G query rows (exact GQA, no repeat)
     kv          [L, 2, nkv, S, d] keys / values after rotary; row p = position p
     ffn_in[l]   [1, H]           post-attention-norm input of layer l's experts
@@ -19,10 +19,17 @@ P guesses, S positions, V vocab):
 
 A token is L+1 *segments*; segment l runs layer l−1's experts, then layer l's attention and router, and a
 guess of layer l+1's experts from the same post-attention state (layer l+1's router through its norm: the
-mixtral-offloading trick). Between segments the host reads ``route_host[l]`` (the one sync per layer),
+mixtral-offloading trick). Between segments the host reads ``route_host[l]`` (the one wait per layer),
 starts the prefetch of the guess and makes layer l's routed experts resident; only when that moved one does it
 write ``rows[l]`` (at a hit, the common case, nothing goes up to the device). Segment L
 runs the last experts, the final norm and lm_head.
+
+*Speculation* (``speculate``, the default): segment l+1 is queued before the host has read layer l's routing,
+gathering its rows from ``rows`` as the table stands. When the routed experts turn out to be resident in
+those rows (the common case) the result stands, and the GPU never waited for the host between segments. When
+the cache had to move one, the host fixes ``rows[l]`` and queues segment l+1 again behind the wrong one: it
+reads ``xs[l % 2]``, which the wrong run did not write, and rewrites everything the wrong run wrote (K/V row,
+routing, residual). A miss costs no more than before, since its copy (~1 ms) outlasts the discarded segment.
 
 Attention reads only the first ``span`` positions of the cache: the smallest power of two (≥ MIN_SPAN) that
 holds the sequence, so a 32k-position model decoding a short chat does not scan 32k keys per layer; graphs
@@ -38,7 +45,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coordinator import gpu_kernels as gk
 from coordinator.moe import ExpertRunner, RECALL_TOP
 from coordinator.norm_kernels import FusedRMSNorm
 
@@ -50,7 +56,7 @@ class StaticDecoder:
     """Single-token steps for one sequence at a time, on the buffers of one coordinator."""
 
     def __init__(self, model: nn.Module, runner: ExpertRunner, max_positions: int, graphs: bool,
-                 ahead: int = 1) -> None:
+                 ahead: int = 1, table: bool | None = None, speculate: bool = True) -> None:
         cfg = model.config
         self.model, self.runner, self.layers = model, runner, model.model.layers
         attn = self.layers[0].self_attn
@@ -62,6 +68,11 @@ class StaticDecoder:
         self.P = min(cfg.num_local_experts, GUESS_TOP) if runner.prefetch > 0 else 0
         self.P2 = min(cfg.num_local_experts, runner.prefetch) if ahead > 1 else 0  # prefetched, not scored
         self.graphs_wanted = graphs
+        # table: experts gathered through the host-kept ``rows`` table (graphs need it; CPU and plain CUDA runs
+        # may use it too), else each layer through ``ExpertRunner.run_layer``
+        self.table = graphs if table is None else (table or graphs)
+        self.speculate = speculate and self.table
+        self.speculated = self.redone = 0  # segments queued before their routing was checked / queued again
         # graphs: transformers' RMSNorm modules as one fused launch each (checked against the module first)
         norm = FusedRMSNorm.wrap if graphs else (lambda m: m)
         self.input_norm = [norm(layer.input_layernorm) for layer in self.layers]
@@ -78,7 +89,7 @@ class StaticDecoder:
         self.positions = positions
         self.tok = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.x = torch.zeros((1, 1, self.H), device=dev, dtype=self.dtype)
+        self.xs = torch.zeros((2, 1, 1, self.H), device=dev, dtype=self.dtype)
         self.ffn_in = torch.zeros((L, 1, self.H), device=dev, dtype=self.dtype)
         self.ids = torch.zeros((L, 1, K), device=dev, dtype=torch.long)
         self.wts = torch.zeros((L, 1, K), device=dev, dtype=torch.float32)
@@ -93,6 +104,7 @@ class StaticDecoder:
         self._rows_pairs = [(self.rows_host[layer], self.rows[layer]) for layer in range(L)]
         self.length = 0  # positions filled (host mirror of ``pos``)
         self._stream = torch.cuda.current_stream(dev) if dev.type == "cuda" else None
+        self._done = [torch.cuda.Event() for _ in range(L + 1)] if self._stream is not None else []
 
     # -- sequence ------------------------------------------------------------------------------------
     def adopt(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -116,34 +128,63 @@ class StaticDecoder:
             graphs = self.graphs[self.span] = self._capture()
         self.tok.fill_(token)
         self.runner.begin_step()
-        for seg in range(self.L + 1):
-            buffers = self._before_segment(seg) if graphs is not None else []
-            if graphs is not None:
-                graphs[seg].replay()
-                self.runner.after_compute(buffers)
-                self._predict(seg)  # after the replay is queued: this host work overlaps the segment
-            else:
-                self.segment(seg)
-            if seg < self.L and self._stream is not None:
-                self._stream.synchronize()  # route_host[seg] is on the host now
+        if self.table:
+            self._table_step(graphs)
+        else:
+            for seg in range(self.L + 1):
+                self.segment(seg)  # each layer's experts through run_layer, which reads its routing itself
         self.length += 1
         return self.logits
 
+    def _table_step(self, graphs: list[torch.cuda.CUDAGraph] | None) -> None:
+        """One token of segments; between two, the host settles the layer the second one computes."""
+        self._launch(0, graphs)
+        for layer in range(self.L):
+            seg = layer + 1
+            if self.speculate:
+                self._launch(seg, graphs)  # before layer's routing is known: rows as the table stands
+                self.speculated += 1
+            if self._done:
+                self._done[layer].synchronize()  # route_host[layer] is on the host now
+            buffers, moved = self._before_segment(seg)
+            if not self.speculate:
+                self._launch(seg, graphs)
+            elif moved:
+                self._redo(seg, graphs)
+            self.runner.after_compute(buffers)
+            self._predict(seg)  # after the segment is queued: this host work overlaps it
+
+    def _launch(self, seg: int, graphs: list[torch.cuda.CUDAGraph] | None) -> None:
+        if graphs is not None:
+            graphs[seg].replay()
+        else:
+            self.segment(seg)
+        if self._done:
+            self._done[seg].record(self._stream)
+
+    def _redo(self, seg: int, graphs: list[torch.cuda.CUDAGraph] | None) -> None:
+        """Queues segment seg again, behind its speculative run, which gathered a stale row."""
+        self.redone += 1
+        if seg == self.L:
+            self.pos.sub_(1)  # the discarded run advanced the position already
+        self._launch(seg, graphs)
+
     # -- host, between segments ----------------------------------------------------------------------
-    def _before_segment(self, seg: int) -> list[int]:
-        """Graph mode, before segment seg: layer seg−1's routed experts made resident (their arena rows in
-        ``rows``, which the segment gathers). The guess for layer seg is prefetched only after this: issued first, it could take the
-        spare buffer of a prefetched expert that layer seg−1 is about to use."""
-        if seg == 0:
-            return []
+    def _before_segment(self, seg: int) -> tuple[list[int], bool]:
+        """Table mode, for segment seg: layer seg−1's routed experts made resident (their arena rows in
+        ``rows``, which the segment gathers). Returns the buffers for ``after_compute`` and whether anything
+        moved: a row was loaded or changed owner, so a segment that gathered before this read a stale one.
+        The guess for layer seg is prefetched only after this: issued first, it could take the spare buffer of
+        a prefetched expert that layer seg−1 is about to use."""
         layer = seg - 1
         ids, table = self._route_np[layer, :self.K], self._rows_np[layer]
-        rows, buffers = self.runner.resident_rows(layer, [ids.tolist()])
-        if (table[ids] != rows[0]).any():  # the cache moved one of them: the device's copy of the row is stale
-            table[ids] = rows[0]  # the last copy out of this row finished: a sync came since
+        rows, buffers, all_hit = self.runner.resident_rows(layer, [ids.tolist()])
+        stale = bool((table[ids] != rows[0]).any())
+        if stale:  # the cache moved one of them: the device's copy of the row is stale
+            table[ids] = rows[0]  # the last copy out of this row finished: a wait came since
             host, device = self._rows_pairs[layer]
             device.copy_(host, non_blocking=True)  # ~25 µs of host time, hence only on a change
-        return buffers
+        return buffers, stale or not all_hit
 
     def _predict(self, layer: int) -> None:
         """Prefetches the guess for ``layer`` made in the previous segment (once that layer's experts ran)."""
@@ -162,18 +203,19 @@ class StaticDecoder:
     # -- device segments -----------------------------------------------------------------------------
     def segment(self, seg: int) -> None:
         """Layer seg−1's experts, then layer seg's attention and routing (or, for seg = L, the logits)."""
+        x = self.xs[seg % 2]  # written here from xs[(seg - 1) % 2], which stays intact for a redo
         if seg == 0:
-            self.x.copy_(self.model.model.embed_tokens(self.tok))
+            x.copy_(self.model.model.embed_tokens(self.tok))
         else:
-            self.x.add_(self._experts(seg - 1).view(1, 1, self.H))
+            torch.add(self.xs[(seg - 1) % 2], self._experts(seg - 1).view(1, 1, self.H), out=x)
         if seg == self.L:
-            normed = self.final_norm(self.x)
+            normed = self.final_norm(x)
             self.logits.copy_(self.model.lm_head(normed)[0, -1].float())
             self.pos.add_(1)
             return
         layer = self.layers[seg]
-        self.x.add_(self._attention(seg, layer.self_attn, self.input_norm[seg](self.x)))
-        normed = self.post_norm[seg](self.x)
+        x.add_(self._attention(seg, layer.self_attn, self.input_norm[seg](x)))
+        normed = self.post_norm[seg](x)
         self.ffn_in[seg].copy_(normed.view(1, self.H))
         # transformers' MixtralTopKRouter: softmax in float32, top-k, renormalized over the k
         probs = torch.softmax(F.linear(normed.view(1, self.H), layer.mlp.gate.weight).float(), dim=-1)
@@ -184,17 +226,15 @@ class StaticDecoder:
         for ahead, width, col in ((1, self.P, self.K), (2, self.P2, self.K + self.P)):
             if width and seg + ahead < self.L:  # layer seg+ahead's router on this state, through its norm
                 nxt = self.layers[seg + ahead]
-                guess = F.linear(self.post_norm[seg + ahead](self.x).view(1, self.H), nxt.mlp.gate.weight)
+                guess = F.linear(self.post_norm[seg + ahead](x).view(1, self.H), nxt.mlp.gate.weight)
                 self.route_host[seg, col:col + width].copy_(torch.topk(guess.float(), width, dim=-1).indices[0],
                                                            non_blocking=True)
 
     def _experts(self, layer: int) -> torch.Tensor:
         """[1, H]: the routing-weighted experts of ``layer`` on ``ffn_in[layer]``."""
-        if self.graphs_wanted:
-            layout = self.runner.path.layout
-            assert layout is not None
-            slots = self.rows[layer][self.ids[layer]]  # gathered here, after the host's update between segments
-            return gk.moe_ffn(self.ffn_in[layer], self.runner.cache.arena, slots, self.wts[layer], layout)
+        if self.table:
+            slots = self.rows[layer][self.ids[layer]]  # gathered here: the table as the host last wrote it
+            return self.runner.moe_rows(self.ffn_in[layer], slots, self.wts[layer])
         out = self.runner.run_layer(layer, self.ffn_in[layer], self.ids[layer], self.wts[layer])
         self._predict(layer + 1)
         return out
@@ -254,8 +294,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def table_applies(runner: ExpertRunner, device: torch.device) -> bool:
+    """Experts gathered through the rows table need room for all K routed experts of a token in a layer's
+    slots, and ``ExpertRunner.moe_rows`` without host syncs (the fused kernels) or on the CPU (tests)."""
+    top_k = runner.layers[0].mlp.gate.top_k
+    return runner.cache.slots_per_layer >= top_k and (device.type == "cpu" or runner.path.layout is not None)
+
+
 def graphs_apply(runner: ExpertRunner, device: torch.device) -> bool:
     """CUDA graphs need every decode step's experts computed by one ``moe_ffn`` over the arena: the layer
     path, and room for all K routed experts of a token in a layer's slots."""
-    top_k = runner.layers[0].mlp.gate.top_k
-    return device.type == "cuda" and runner.path.layout is not None and runner.cache.slots_per_layer >= top_k
+    return device.type == "cuda" and runner.path.layout is not None and table_applies(runner, device)

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
 from coordinator.cache import ExpertCache
 from coordinator.config import GIB, CoordinatorConfig
-from coordinator.decode import StaticDecoder, graphs_apply
+from coordinator.decode import StaticDecoder, graphs_apply, table_applies
 from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, Sampler,
                                   TokenEvent, validate)
 from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
@@ -277,7 +277,8 @@ class Coordinator:
             raise ValueError("decode 'graphs' needs CUDA, the fused Triton expert kernels (SiLU, 2/4/8-bit u8 "
                              "experts) and at least as many cache slots per layer as experts per token")
         return StaticDecoder(self.model, self.runner, self.max_positions, graphs=mode == "graphs",
-                             ahead=self.config.prefetch_ahead)
+                             ahead=self.config.prefetch_ahead, table=table_applies(self.runner, self.device),
+                             speculate=self.config.speculate)
 
     # -- stats ---------------------------------------------------------------------------------------
     def _count(self, key: str, n: float = 1) -> None:
@@ -333,6 +334,9 @@ class Coordinator:
                "cancelled_generated_tokens": t["cancelled_generated_tokens"], "kv_caches_live": len(self._live_kv),
                "slots_per_layer": self.slots_per_layer, "cache_bytes": self.cache.nbytes,
                "non_expert_bytes": self.shell_bytes}
+        if self.decoder is not None:  # segments queued before their layer's routing was read, and redone
+            out |= {"decode_segments_speculated": self.decoder.speculated,
+                    "decode_segments_redone": self.decoder.redone}
         # the expert source's own counters (failovers, checksum_failures, deadline_exceeded, ...), prefixed
         out |= {f"source_{k}": float(v) for k, v in self.source.stats().items()}
         return out | self._ratios(out, counters)

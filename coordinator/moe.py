@@ -8,6 +8,8 @@ One MoE step (a prefill chunk or one decode token), short on purpose:
     route (given, read to the host once) -> look up the cache -> start fetches for misses -> compute.
 How experts are computed is a ``MoePath`` chosen once per runner (``select_path``):
 - "hqq" (CPU, and whatever the GPU kernels do not read): per expert, as misses land, hqq's dequantize + matmul;
+- "dequant" (CUDA, SiLU, one layout the GEMV kernels do not read: 3-bit): per expert, as misses land, a
+  Triton dequantize into a reused workspace + cuBLAS (``gpu_kernels.expert_ffn``);
 - "gemv_layer" (CUDA, SiLU, one u8-packed 2/4/8-bit layout): the layer's misses land first, then one
   ``gpu_kernels.moe_ffn`` launch pair computes every routed (token, expert) pair straight from the cache
   arena, reading arena rows from a device tensor; a step that cannot hold all its experts at once (more
@@ -73,12 +75,19 @@ def gemv_expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Te
     return expert_ffn(slot_views, manifest, x, act)
 
 
+def dequant_expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
+                       act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
+    """``expert_ffn`` through the Triton dequantize + cuBLAS (SiLU and an unfused layout: checked once by
+    ``select_path``), for any number of tokens."""
+    return gk.expert_ffn_views(slot_views, manifest, x)
+
+
 @dataclass(frozen=True)
 class MoePath:
     """How a runner computes its experts; chosen once, at start."""
 
     name: str
-    """"hqq" or "gemv_layer"."""
+    """"hqq", "dequant" or "gemv_layer"."""
     expert_fn: ExpertFn
     """One expert on its tokens (per-expert steps)."""
     layout: gk.PackedLayout | None = None
@@ -108,6 +117,8 @@ def select_path(device: torch.device, act: Callable[[torch.Tensor], torch.Tensor
     if len(layouts) != 1:
         return HQQ_PATH
     layout = layouts.pop()
+    if not layout.fused and layout.bits != 16:  # 3-bit: no GEMV kernel, but hqq's torch dequantize is slower
+        return MoePath("dequant", dequant_expert_ffn)
     return MoePath("gemv_layer", gemv_expert_ffn, layout) if gemv_reads(layout) else HQQ_PATH
 
 
@@ -180,18 +191,36 @@ class ExpertRunner:
         self._count_recall(layer, used, decode=x.shape[0] == 1)
         return self._moe(layer, x, routing, used, top_k_weights)
 
-    def resident_rows(self, layer: int, routing: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    def resident_rows(self, layer: int, routing: list[list[int]]) -> tuple[list[list[int]], list[int], bool]:
         """For a caller that computes the layer itself (``coordinator.decode``'s CUDA graphs): makes every
         routed expert resident, orders the compute stream after their copies and returns the arena row of each
-        (token, k) plus the buffers to pass to ``after_compute`` once the kernels reading them are queued."""
+        (token, k), the buffers to pass to ``after_compute`` once the kernels reading them are queued, and
+        whether all of them already sat in the layer's LRU (no row was loaded or changed owner)."""
         self._pump()
         used = sorted({e for row in routing for e in row})
         self._count_recall(layer, used, decode=len(routing) == 1)
-        rows = self._make_resident(layer, used)
+        rows, all_hit = self._make_resident(layer, used)
         buffers = sorted(set(rows.values()))
         for buf in buffers:
             self.transfers.before_compute(buf)
-        return [[rows[e] for e in row] for row in routing], buffers
+        return [[rows[e] for e in row] for row in routing], buffers, all_hit
+
+    def moe_rows(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * expert in arena row slots[t, k] (x [T, H], slots/weights [T, K]) -> [T, H]:
+        ``gpu_kernels.moe_ffn`` on the fused layout (no host sync), else per row through the path's expert
+        function (CPU: hqq's exact math, summed in the order ``_apply`` sums). A row holding nothing adds
+        nothing: only a speculative segment that is then discarded gathers one (``coordinator.decode``)."""
+        if self.path.layout is not None:
+            return gk.moe_ffn(x, self.cache.arena, slots, weights, self.path.layout)
+        out = torch.zeros_like(x)
+        for t, row in enumerate(slots.tolist()):
+            for k, buf in enumerate(row):
+                manifest = self.cache.manifests.get(buf)
+                if manifest is None:
+                    continue
+                y = self.path.expert_fn(self.cache.views(buf), manifest, x[t:t + 1], self._act)
+                out[t:t + 1] += (y * weights[t:t + 1, k:k + 1]).to(out.dtype)
+        return out
 
     def after_compute(self, buffers: list[int]) -> None:
         """The kernels reading ``buffers`` are queued: their rows may be overwritten after them."""
@@ -229,7 +258,7 @@ class ExpertRunner:
         ``gpu_kernels.moe_ffn`` over the arena: two launches for the layer, no host sync."""
         if x.shape[0] > gk.GEMV_MAX_TOKENS or len(used) > self.cache.slots_per_layer:
             return self._moe_per_expert(layer, x, routing, used, top_k_weights)  # cannot hold them all at once
-        rows = self._make_resident(layer, used)
+        rows, _ = self._make_resident(layer, used)
         slots = self._to_device([[rows[e] for e in row] for row in routing], torch.int32)
         buffers = sorted(set(rows.values()))
         for buf in buffers:
@@ -239,12 +268,12 @@ class ExpertRunner:
         self.after_compute(buffers)
         return out
 
-    def _make_resident(self, layer: int, used: list[int]) -> dict[int, int]:
+    def _make_resident(self, layer: int, used: list[int]) -> tuple[dict[int, int], bool]:
         """Every expert of ``used`` in an arena row of ``layer`` (misses land, prefetched ones join the LRU):
-        expert -> row. Needs len(used) <= slots_per_layer."""
+        expert -> row, and whether all were in the LRU already. Needs len(used) <= slots_per_layer."""
         hit = self.cache.touch_resident(layer, used)  # all resident, the common case: a dict check per expert
         if hit is not None:
-            return dict(zip(used, hit))
+            return dict(zip(used, hit)), True
         found = self.cache.lookup(layer, used)
         misses = [self._start(ExpertKey(layer, f.expert)) for f in found if f.buffer is None]
         rows = {f.expert: f.buffer for f in found if f.buffer is not None}
@@ -260,7 +289,7 @@ class ExpertRunner:
         for f in found:
             if f.prefetched:
                 self.cache.promote(layer, f.expert, protect)  # the row stays; only its owner changes
-        return rows
+        return rows, False
 
     def _land_misses(self, layer: int, misses: list[Load], protect: set[int],
                      on_land: Callable[[int, int], None]) -> None:

@@ -146,6 +146,33 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
     assert not any(id(e.transfers) in r.owners for e in (fast, slow) for r in PROCESS_REGISTRY.ranges)
 
 
+
+def test_three_bit_experts_dequantize_on_the_gpu(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """3-bit experts (no GEMV kernel) go through the Triton dequantize + cuBLAS path: the logits of hqq's own
+    dequantize + matmul, fp16 rounding apart."""
+    from expert_workers.format import INT3
+
+    store = ExpertStore(kernel_ckpt, "0/1", INT3, cache_dir=tmp_path_factory.mktemp("x3"), progress=False).load()
+    src = make_source(stores=[store])
+    cfg = CoordinatorConfig(device="cuda", attn_bits=16, experts_per_layer=2, prefetch=1)
+    fast, slow = Coordinator(kernel_ckpt, src, cfg), Coordinator(kernel_ckpt, src, cfg)
+    try:
+        assert fast.runner.path.name == "dequant" and fast.decoder is None  # auto: no graphs without the GEMV
+        _hqq_reference_paths(slow)
+        kv_f, kv_s = fast.new_kv_cache(), slow.new_kv_cache()
+        with torch.inference_mode():
+            lf, ls = fast.step(list(range(10, 30)), kv_f), slow.step(list(range(10, 30)), kv_s)
+            for _ in range(8):
+                assert float((lf - ls).norm() / ls.norm()) < 2e-2
+                nxt = int(ls.argmax())
+                lf, ls = fast.step([nxt], kv_f), slow.step([nxt], kv_s)
+        assert fast.runner.stats()["cache_misses"] > 0
+        fast.cache.check()
+    finally:
+        fast.close()
+        slow.close()
+        store.close()
+
 # -- the CUDA-graph decode path (coordinator.decode) -------------------------------------------------------
 @pytest.mark.parametrize(("k", "prefetch", "zero_copy"), [(8, 0, True), (2, 2, True), (3, 1, False)])
 def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
@@ -187,4 +214,36 @@ def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: 
     finally:
         graphs.close()
         plain.close()
+        store.close()
+
+
+@pytest.mark.parametrize(("k", "prefetch"), [(2, 2), (3, 0)])
+def test_graph_speculation_is_bit_exact(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
+                                        prefetch: int) -> None:
+    """Segments queued before their layer's routing is read (the default) give the very logits of waiting
+    for it, step after step through misses and evictions; the stale ones were redone."""
+    from expert_workers.format import INT2
+
+    store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xs"), progress=False).load()
+    src = make_source(stores=[store])
+    base = dict(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, decode="graphs")
+    spec = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base))
+    wait = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, speculate=False))
+    try:
+        for prompt in ([5, 9, 33], list(range(10, 30))):
+            kv_s, kv_w = spec.new_kv_cache(), wait.new_kv_cache()
+            with torch.inference_mode():
+                ls, lw = spec.step(prompt, kv_s), wait.step(prompt, kv_w)
+                for _ in range(16):
+                    assert torch.equal(ls, lw)
+                    nxt = int(lw.argmax())
+                    ls, lw = spec.step([nxt], kv_s), wait.step([nxt], kv_w)
+        s, w = spec.stats(), wait.stats()
+        assert s["decode_segments_speculated"] > s["decode_segments_redone"] > 0
+        assert w["decode_segments_speculated"] == w["decode_segments_redone"] == 0
+        assert s["cache_misses"] > 0 and (prefetch or s["cache_misses"] == w["cache_misses"])  # same decisions
+        spec.cache.check()
+    finally:
+        spec.close()
+        wait.close()
         store.close()

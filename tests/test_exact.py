@@ -8,6 +8,7 @@ zero-copy and staging transfer paths, both checkpoint layouts (+ sharded safeten
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,24 @@ def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch:
     assert stats["cache_misses"] > 0
     if prefetch:
         assert 0 < stats["prefetch_used"] <= stats["prefetch_issued"]
+    if decode == "static" and k >= 2:  # experts through the rows table, segments queued speculatively
+        assert stats["decode_segments_speculated"] > stats["decode_segments_redone"] > 0
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_static_speculation_is_redone_on_a_stale_row(tiny_ckpt: Path, tiny_exact: ExpertSource,
+                                                    speculate: bool) -> None:
+    """With k = 2 of 8 most layers miss. A speculative segment that gathered a row the cache then moved is
+    queued again (same tokens as transformers); without speculation nothing is redone."""
+    cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=2, prefetch=2, decode="static", speculate=speculate)
+    stats = assert_matches(tiny_ckpt, tiny_exact, reference_model(tiny_ckpt), TINY_PROMPTS, cfg)
+    layers = json.loads((tiny_ckpt / "config.json").read_text())["num_hidden_layers"]
+    speculated = stats["decode_segments_speculated"]
+    if speculate:  # every segment after the first of each decode step
+        assert speculated % layers == 0 and speculated >= layers * (NEW_TOKENS - 1) * len(TINY_PROMPTS)
+        assert 0 < stats["decode_segments_redone"] < speculated
+    else:
+        assert speculated == stats["decode_segments_redone"] == 0
 
 
 def test_fused_sharded_checkpoint(tmp_path: Path) -> None:
@@ -176,7 +195,7 @@ def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact
                 routed = rng.sample(range(8), 2)
                 decoder.route_host[layer, :2] = torch.tensor(routed)
                 decoder.route_host[layer, 2:] = torch.tensor(rng.sample(range(8), decoder.P + decoder.P2))
-                runner.after_compute(decoder._before_segment(layer + 1))
+                runner.after_compute(decoder._before_segment(layer + 1)[0])
                 cached = {e: b for e, b in runner.cache._lru[layer].items()}
                 assert decoder.rows[layer][routed].tolist() == [cached[e] for e in routed]
                 decoder._predict(layer + 1)
