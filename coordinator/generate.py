@@ -80,7 +80,14 @@ def validate(params: GenerateParams, prompt_ids: Sequence[int], vocab_size: int,
 
 class Sampler:
     """Greedy (temperature 0) or temperature + top-p sampling with a private seeded CPU generator, so a
-    seed gives the same tokens on any device and whatever else runs concurrently."""
+    seed gives the same tokens on any device and whatever else runs concurrently.
+
+    Cheap on purpose: the next decode step waits for it. One uniform draw against the cumulative
+    distribution (inverse CDF) replaces ``torch.multinomial``, which took ~1.5-6 ms per token over 32k float64
+    probabilities, and top-p sorts only the top ``NUCLEUS_FIRST`` (more when their mass falls short) instead of
+    the whole vocabulary (~15 ms)."""
+
+    NUCLEUS_FIRST = 64
 
     def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
         self.temperature = temperature
@@ -96,11 +103,30 @@ class Sampler:
         logits = logits.double().cpu()
         probs = torch.softmax((logits - logits.max()) / self.temperature, dim=-1)
         if self.top_p < 1:
-            sorted_p, order = torch.sort(probs, descending=True)
-            cum = torch.cumsum(sorted_p, dim=-1)
-            keep = (cum - sorted_p) < self.top_p  # the smallest prefix whose mass reaches top_p
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            probs = self._nucleus(probs)
+        return self._draw(probs)
+
+    def _nucleus(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs outside the smallest most-likely prefix whose mass reaches top_p set to 0 (not renormalized:
+        ``_draw`` scales by the total)."""
+        k = min(self.NUCLEUS_FIRST, probs.numel())
+        while True:
+            top, order = torch.topk(probs, k)  # descending
+            cum = torch.cumsum(top, dim=0)
+            if cum[-1] >= self.top_p or k == probs.numel():  # the prefix ends inside these k
+                break
+            k = min(8 * k, probs.numel())
+        keep = (cum - top) < self.top_p  # mass before each token still short of top_p
+        return torch.zeros_like(probs).scatter_(0, order[keep], top[keep])
+
+    def _draw(self, probs: torch.Tensor) -> int:
+        """A token with probability probs[i] / sum(probs): the first i whose cumulative mass exceeds u·total."""
+        cdf = torch.cumsum(probs, dim=0)
+        u = torch.rand(1, generator=self.generator, dtype=torch.float64)
+        i = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+        if i < probs.numel() and probs[i] > 0:
+            return i
+        return int(torch.nonzero(probs).max())  # u·total rounded up to the total (p ~ 2**-53): the last token
 
 
 class Detokenizer:

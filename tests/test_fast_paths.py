@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coordinator import gpu_kernels as gk
-from coordinator.moe import HQQ_PATH, gemv_expert_ffn, select_path
+from coordinator.moe import HQQ_PATH, dequant_expert_ffn, gemv_expert_ffn, select_path
 from coordinator.pinning import HostRegistry
 from expert_workers.format import ExpertKey, QuantSpec, pack_expert
 
@@ -38,13 +38,14 @@ def test_cuda_u8_silu_layout_takes_the_layer_kernel() -> None:
     assert path.name == "gemv_layer" and path.expert_fn is gemv_expert_ffn
     assert path.layout == gk.layout_of(next(iter(manifests.values())))
     assert select_path(CUDA, F.silu, _manifests(4)).name == "gemv_layer"
+    three = select_path(CUDA, F.silu, _manifests(3))  # 3bit_32 packing: no GEMV, the Triton dequantize
+    assert three.name == "dequant" and three.expert_fn is dequant_expert_ffn and three.layout is None
 
 
 def test_everything_else_keeps_hqq() -> None:
     two_bit = _manifests(2)
     assert select_path(torch.device("cpu"), F.silu, two_bit) is HQQ_PATH  # CPU: the exactness reference
     assert select_path(CUDA, F.gelu, two_bit) is HQQ_PATH  # the kernels fuse SiLU only
-    assert select_path(CUDA, F.silu, _manifests(3)) is HQQ_PATH  # 3bit_32 packing: no fused kernel
     assert select_path(CUDA, F.silu, _manifests(16)) is HQQ_PATH  # unquantized
     # hidden 64 is not a multiple of the kernels' K step (2 groups of 64): would raise inside the launch
     assert select_path(CUDA, F.silu, _manifests(2, hidden=64, inter=128)) is HQQ_PATH
