@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive3-tokens", type=int, default=32)
     ap.add_argument("--guesses", type=int, default=2, help="next-layer experts prefetched per layer")
     ap.add_argument("--templates", type=int, default=4)
-    ap.add_argument("--reserve-gb", type=float, default=0.6, help="activations, graph pools, allocator slack")
+    ap.add_argument("--reserve-gb", type=float, default=0.9,
+                    help="activations, graph pools, allocator slack, prefetch spares (0.6 let the 8 GB in-loop rows "
+                         "peak at 8.2 GB in results/2026-11-30-h200-s4b)")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--shm-probe", action=argparse.BooleanOptionalAction, default=True)
