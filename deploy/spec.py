@@ -54,6 +54,9 @@ class DeploySpec:
     """Layers the coordinator's decoder guesses ahead (1 or 2; ``CoordinatorConfig.prefetch_ahead``)."""
     decode: str = "auto"
     """How the coordinator runs single-token steps (``CoordinatorConfig.decode``)."""
+    speculate: bool = True
+    """Whether the coordinator's decoder queues a segment before the previous layer's routing is read
+    (``CoordinatorConfig.speculate``)."""
     namespace: str = NAMESPACE
     """Ray namespace of the deployment's actors."""
     expert_host: float = 1.0
@@ -142,7 +145,7 @@ class DeploySpec:
                 "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
                 "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
-                "--decode", self.decode]
+                "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]
         elif self.gpu_memory_gb is not None:
