@@ -208,7 +208,8 @@ class ExpertRunner:
     def moe_rows(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert in arena row slots[t, k] (x [T, H], slots/weights [T, K]) -> [T, H]:
         ``gpu_kernels.moe_ffn`` on the fused layout (no host sync), else per row through the path's expert
-        function (CPU: hqq's exact math, summed in the order ``_apply`` sums). A row holding nothing adds
+        function (CPU: hqq's exact math, summed over k from zero, which for K = 2 is ``_apply``'s sum exactly,
+        whatever the order: a two-term float sum commutes). A row holding nothing adds
         nothing: only a speculative segment that is then discarded gathers one (``coordinator.decode``)."""
         if self.path.layout is not None:
             return gk.moe_ffn(x, self.cache.arena, slots, weights, self.path.layout)
