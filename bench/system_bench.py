@@ -271,9 +271,9 @@ def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
         nospec = item.endswith("n")
         p, _, a = item.removesuffix("n").partition(":")
         ahead = int(a or 1)
-        out.append((f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else ""),
-                    ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)] + (["--no-speculate"] if nospec
-                                                                                    else [])))
+        name = f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else "")
+        flags = ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]
+        out.append((name, flags + ["--no-speculate"] if nospec else flags))
     return out
 
 
