@@ -56,7 +56,7 @@ class StaticDecoder:
     """Single-token steps for one sequence at a time, on the buffers of one coordinator."""
 
     def __init__(self, model: nn.Module, runner: ExpertRunner, max_positions: int, graphs: bool,
-                 ahead: int = 1, table: bool | None = None, speculate: bool = True) -> None:
+                 ahead: int = 1, table: bool = False, speculate: bool = True) -> None:
         cfg = model.config
         self.model, self.runner, self.layers = model, runner, model.model.layers
         attn = self.layers[0].self_attn
@@ -70,7 +70,7 @@ class StaticDecoder:
         self.graphs_wanted = graphs
         # table: experts gathered through the host-kept ``rows`` table (graphs need it; CPU and plain CUDA runs
         # may use it too), else each layer through ``ExpertRunner.run_layer``
-        self.table = graphs if table is None else (table or graphs)
+        self.table = table or graphs
         self.speculate = speculate and self.table
         self.speculated = self.redone = 0  # segments queued before their routing was checked / queued again
         # graphs: transformers' RMSNorm modules as one fused launch each (checked against the module first)

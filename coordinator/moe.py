@@ -207,20 +207,16 @@ class ExpertRunner:
 
     def moe_rows(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert in arena row slots[t, k] (x [T, H], slots/weights [T, K]) -> [T, H]:
-        ``gpu_kernels.moe_ffn`` on the fused layout (no host sync), else per row through the path's expert
-        function (CPU: hqq's exact math, summed over k from zero, which for K = 2 is ``_apply``'s sum exactly,
-        whatever the order: a two-term float sum commutes). A row holding nothing adds
-        nothing: only a speculative segment that is then discarded gathers one (``coordinator.decode``)."""
+        ``gpu_kernels.moe_ffn`` on the fused layout (no host sync), else ``_apply`` per distinct row, the rows
+        standing in for expert ids (CPU: hqq's exact math). A row holding nothing adds nothing: only a
+        speculative segment that is then discarded gathers one (``coordinator.decode``)."""
         if self.path.layout is not None:
             return gk.moe_ffn(x, self.cache.arena, slots, weights, self.path.layout)
         out = torch.zeros_like(x)
-        for t, row in enumerate(slots.tolist()):
-            for k, buf in enumerate(row):
-                manifest = self.cache.manifests.get(buf)
-                if manifest is None:
-                    continue
-                y = self.path.expert_fn(self.cache.views(buf), manifest, x[t:t + 1], self._act)
-                out[t:t + 1] += (y * weights[t:t + 1, k:k + 1]).to(out.dtype)
+        routing = slots.tolist()
+        for buf in sorted({b for row in routing for b in row}):
+            if buf in self.cache.manifests:
+                self._apply(buf, buf, x, routing, weights, out)
         return out
 
     def after_compute(self, buffers: list[int]) -> None:
