@@ -1,9 +1,9 @@
 """Merges the JSON results of several GPU calls into one table (rows keep a ``run`` tag naming their call).
 
-    python -m bench.merge_results OUT_STEM TAG=FILE[:VARIANT_PREFIX[@CAP]] ...
+    python -m bench.merge_results OUT_STEM TAG=FILE[:[VARIANT_PREFIX][@CAP][#BITS]] ...
 
 The first file gives the environment, bandwidth and kernel numbers. A selector keeps only rows whose variant
-starts with VARIANT_PREFIX (and, with @CAP, whose cap equals CAP).
+starts with VARIANT_PREFIX (and, with @CAP, whose cap equals CAP; with #BITS, whose expert bits equal BITS).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def merge(out_stem: str, specs: list[str]) -> dict[str, Any]:
     for spec in specs:
         tag, _, rest = spec.partition("=")
         path, _, sel = rest.partition(":")
-        prefix, _, cap = sel.partition("@")
+        where, _, bits = sel.partition("#")
+        prefix, _, cap = where.partition("@")
         data = json.loads(Path(path).read_text())
         if "env" not in merged:
             for k in ("env", "bandwidth", "shm_probe", "kernels", "shape", "prompt", "resident_model_bytes"):
@@ -33,6 +34,8 @@ def merge(out_stem: str, specs: list[str]) -> dict[str, Any]:
             if prefix and not row["variant"].startswith(prefix):
                 continue
             if cap and row.get("cap_gb") != float(cap):
+                continue
+            if bits and row.get("bits") != int(bits):
                 continue
             if "skipped" in row and "profile" not in row:   # budget skips / failed attempts stay in the run files
                 continue

@@ -53,6 +53,11 @@ def finish(results: dict[str, Any]) -> None:
     results["ratios"] = ratios
 
 
+def _k(k: float | None) -> str:
+    """Slots per layer: whole, or their mean with one decimal when the budget spread them unevenly."""
+    return _f(k, ".0f" if k is None or float(k).is_integer() else ".1f")
+
+
 def _c_row(rows: list[dict[str, Any]], r: dict[str, Any], variant: str) -> dict[str, Any] | None:
     """The ``variant`` run at r's bits and cap, the one with r's k when there are several."""
     cs = [x for x in rows if x["variant"] == variant and x["bits"] == r["bits"] and x.get("cap_gb") == r["cap_gb"]
@@ -79,7 +84,7 @@ def _lines(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
                         + [""] * (len(head) - 5))
             continue
         name = r["variant"] + (f" [{r['run']}]" if r.get("run") else "")
-        body.append([name, str(r["bits"]), _f(r.get("cap_gb"), ".0f"), _f(r["k"], ".0f"), _f(r["tokens_per_s"]),
+        body.append([name, str(r["bits"]), _f(r.get("cap_gb"), ".0f"), _k(r["k"]), _f(r["tokens_per_s"]),
                      _f(r["ms_per_token"]), _f(r["hit_rate"], ".3f"), _f(r.get("prefetch_recall"), ".3f"),
                      _f(r["bytes_per_token"] / 1e6, ".1f"), _f(r.get("vram_peak_bytes", 0) / 1e9),
                      _f(1e3 / r["floor_ms"] if r.get("floor_ms") else None), _f(r.get("floor_over_ms")),
@@ -88,9 +93,9 @@ def _lines(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
     # overlapped compute (the floor of the issue counts a prefetched expert as free instead)
     rhead = ["ours", "bits", "cap GB", "k", "tok/s", "x/(b)", "x/(c) [c's k]", "x/(c' graphs) [k]", "x/floor",
              "x/bytes floor", "VRAM ≤ cap"]
-    rbody = [[q["variant"], str(q["bits"]), _f(q["cap_gb"], ".0f"), _f(q.get("k"), ".0f"), _f(q["tokens_per_s"]),
-              _f(q["x_over_b"], ".1f"), f"{_f(q['x_over_c'])} [{_f(q.get('c_k'), '.0f')}]",
-              f"{_f(q.get('x_over_c_graphs'))} [{_f(q.get('cg_k'), '.0f')}]", _f(q["x_over_floor"]),
+    rbody = [[q["variant"], str(q["bits"]), _f(q["cap_gb"], ".0f"), _k(q.get("k")), _f(q["tokens_per_s"]),
+              _f(q["x_over_b"], ".1f"), f"{_f(q['x_over_c'])} [{_k(q.get('c_k'))}]",
+              f"{_f(q.get('x_over_c_graphs'))} [{_k(q.get('cg_k'))}]", _f(q["x_over_floor"]),
               _f(q.get("x_over_bytes_floor")), _f(q["vram_ok"])] for q in results.get("ratios", [])]
     return head, body, rhead, rbody
 

@@ -239,7 +239,9 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
             gen = max(1, int(stats["generated_tokens"]) - 1)
             tps = float(stats["decode_tokens_per_s"])
             server = stats.pop("server")
-            row = {"variant": name, "bits": spec.bits, "cap_gb": cap, "k": server.get("slots_per_layer"),
+            # k: slots per layer, their mean when the budget spread them unevenly
+            k = server.get("cache_slots", shape.layers * server.get("slots_per_layer", 0)) / shape.layers
+            row = {"variant": name, "bits": spec.bits, "cap_gb": cap, "k": k,
                    "tokens": gen, "graphs": False, "expert_bytes": templates[0][1].nbytes,
                    "ms_per_token": 1e3 / tps if tps else float("nan"), "tokens_per_s": tps,
                    "expert_uses": stats["expert_uses"], "cache_hits": stats["cache_hits"],
@@ -263,17 +265,19 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
 
 
 def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
-    """``--sys-prefetch`` items, "P", "P:A" (prefetch P experts per guess, guesses A layers ahead), either
-    with a trailing "n" (no speculative segments: ``--no-speculate``), as (row name suffix, coordinator
-    flags); the first item is (d) itself."""
+    """``--sys-prefetch`` items, "P", "P:A" (prefetch P experts per guess, guesses A layers ahead), each with
+    optional trailing letters "n" (no speculative segments: ``--no-speculate``) and "p" (no pipelined
+    tokens: ``--no-pipeline``), as (row name suffix, coordinator flags); the first item is (d) itself."""
     out = []
     for item in str(spec).split(","):
-        nospec = item.endswith("n")
-        p, _, a = item.removesuffix("n").partition(":")
+        core = item.rstrip("np")
+        nospec, nopipe = "n" in item[len(core):], "p" in item[len(core):]
+        p, _, a = core.partition(":")
         ahead = int(a or 1)
-        name = f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else "")
+        name = (f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else "")
+                + ("_nopipe" if nopipe else ""))
         flags = ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]
-        out.append((name, flags + ["--no-speculate"] if nospec else flags))
+        out.append((name, flags + ["--no-speculate"] * nospec + ["--no-pipeline"] * nopipe))
     return out
 
 
@@ -313,7 +317,8 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
             ms = _timed_steps(co, kv, stream[args.warmup:])
             after = co.runner.stats()
         d = {k: after[k] - before[k] for k in ("expert_uses", "cache_hits", "cache_misses", "bytes_fetched")}
-        row = {"variant": name, "bits": bits, "cap_gb": cap, "k": co.slots_per_layer, "tokens": n, "graphs": False,
+        k = sum(co.cache.layer_slots) / len(co.cache.layer_slots)
+        row = {"variant": name, "bits": bits, "cap_gb": cap, "k": k, "tokens": n, "graphs": False,
                "expert_bytes": expert_bytes, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, **d,
                "hit_rate": d["cache_hits"] / d["expert_uses"] if d["expert_uses"] else 0.0,
                "prefetch_recall": None, "bytes_per_token": d["bytes_fetched"] / n,
@@ -347,6 +352,7 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
 
     from coordinator.config import CoordinatorConfig
     from coordinator.engine import Coordinator
+    from coordinator.generate import GenerateParams
     from expert_workers.fetch import RemoteSource
 
     gen = torch.Generator().manual_seed(7)
@@ -366,6 +372,11 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
                     f"path {co.runner.path.name}")
                 if prefetch == 0:
                     continue
+                # the engine's own loop (sampling, detokenizing, emitting) without gRPC: what it adds to a step
+                events = co.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=tokens,
+                                                    temperature=1.0, seed=1))
+                plain["run"] = 1e3 / events[-1].stats["decode_tokens_per_s"]
+                log(f"Coordinator.run (temperature 1, no gRPC): {plain['run']:.1f} ms/token")
                 prof = cProfile.Profile()
                 prof.enable()
                 ms = _timed_steps(co, kv, stream[tokens:])
@@ -383,7 +394,8 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
     src.close()
     log(f"coordinator.step profile at {cap} GB:\n" + text[-14000:])
     rows.append({"variant": "profile_coordinator_step", "bits": 2, "cap_gb": cap, "profile": text,
-                 "skipped": "diagnosis only: ms/token " + ", ".join(f"prefetch {k}: {v:.1f}" for k, v in plain.items())})
+                 "skipped": "diagnosis only: ms/token " + ", ".join(f"{k if k == 'run' else f'prefetch {k}'}: {v:.1f}"
+                                                                    for k, v in plain.items())})
 
 
 def _timed_steps(co: Any, kv: Any, tokens: list[int]) -> float:

@@ -45,6 +45,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "transformers' forward (auto: graphs where they apply)")
     p.add_argument("--no-speculate", action="store_true",
                    help="static/graph decoder: wait for each layer's routing before queuing the next segment")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="read each token on the host before queuing the next decode step")
     p.add_argument("--no-zero-copy", action="store_true",
                    help="never read co-located workers' shared memory directly")
     p.add_argument("--wait-workers-s", type=float, default=600.0,
@@ -86,7 +88,8 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> CoordinatorC
         attn_bits=args.attn_bits,
         max_seq_len=args.max_seq_len, max_queue=getattr(args, "max_queue", 16),
         fetch_workers=args.fetch_workers, fetch_timeout_s=args.fetch_timeout_s,
-        zero_copy=not args.no_zero_copy, decode=args.decode, speculate=not args.no_speculate).with_(**overrides)
+        zero_copy=not args.no_zero_copy, decode=args.decode, speculate=not args.no_speculate,
+        pipeline=not args.no_pipeline).with_(**overrides)
 
 
 def open_source(args: argparse.Namespace) -> object:

@@ -2,8 +2,9 @@
 
 All slots live in one device ``arena`` of shape ``[buffers, slot_bytes]`` (uint8): row ``b`` is one contiguous
 buffer big enough for the largest packed expert, so loading an expert is one copy and computing reads
-zero-copy views of the row. Buffers are fungible: each layer owns exactly ``k`` of them (its LRU entries
-plus free ones) and the spare pool owns the rest. A prefetch fills a spare and evicts nothing; when the
+zero-copy views of the row. Buffers are fungible: each layer owns a fixed number of them (its LRU entries
+plus free ones; ``k`` or ``k + 1`` when the memory budget is spread over the layers) and the spare pool owns
+the rest. A prefetch fills a spare and evicts nothing; when the
 prefetched expert is used, its buffer joins the layer's LRU and the layer hands its least recently used
 buffer back to the spare pool (a swap of ownership, not a copy).
 
@@ -13,13 +14,27 @@ It is used from one thread (the engine's).
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from expert_workers.format import ExpertKey, ExpertManifest, tensor_views
+
+
+def spread_slots(total: int, layers: int) -> list[int]:
+    """``total`` cache slots over ``layers`` layers: ``total // layers`` each, and the remainder one more each
+    in layers spaced evenly over the depth (no layer is known to miss more before the traffic is seen)."""
+    k, extra = divmod(total, layers)
+    return [k + ((i + 1) * extra // layers - i * extra // layers) for i in range(layers)]
+
+
+def describe_slots(layer_slots: Sequence[int]) -> str:
+    """"3 x 27 layers, 2 x 5 layers" for a log line."""
+    counts = sorted({n: layer_slots.count(n) for n in layer_slots}.items(), reverse=True)
+    return ", ".join(f"{n} x {c} layer{'s' * (c != 1)}" for n, c in counts)
 
 
 @dataclass
@@ -74,22 +89,26 @@ class Lookup:
 
 
 class ExpertCache:
-    """Per-layer LRU of ``slots_per_layer`` experts plus ``spares`` prefetch buffers, in one device arena."""
+    """Per-layer LRU of ``slots`` experts (one count for every layer, or one per layer) plus ``spares``
+    prefetch buffers, in one device arena."""
 
-    def __init__(self, num_layers: int, slots_per_layer: int, spares: int, slot_bytes: int,
+    def __init__(self, num_layers: int, slots: int | Sequence[int], spares: int, slot_bytes: int,
                  device: torch.device) -> None:
-        if slots_per_layer < 1:
-            raise ValueError(f"the expert cache needs at least 1 slot per layer, got {slots_per_layer}")
+        self.layer_slots = [slots] * num_layers if isinstance(slots, int) else list(slots)
+        """LRU slots of each layer."""
+        if len(self.layer_slots) != num_layers or min(self.layer_slots) < 1:
+            raise ValueError(f"the expert cache needs at least 1 slot in each of {num_layers} layers, got {slots}")
         self.num_layers = num_layers
-        self.slots_per_layer = slots_per_layer
+        self.slots_per_layer = min(self.layer_slots)
+        """The smallest layer's slot count (k): what a step may rely on in every layer."""
         self.slot_bytes = slot_bytes
-        n = num_layers * slots_per_layer + spares
+        ends = list(itertools.accumulate(self.layer_slots))
+        n = ends[-1] + spares
         self.arena = torch.empty((n, slot_bytes), dtype=torch.uint8, device=device)
         self.manifests: dict[int, ExpertManifest] = {}  # buffer -> manifest of what it holds (or is loading)
         self._lru: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(num_layers)]  # expert -> buffer
-        self._free: list[list[int]] = [list(range(i * slots_per_layer, (i + 1) * slots_per_layer))
-                                       for i in range(num_layers)]
-        self._spare_free: list[int] = list(range(num_layers * slots_per_layer, n))
+        self._free: list[list[int]] = [list(range(end - k, end)) for k, end in zip(self.layer_slots, ends)]
+        self._spare_free: list[int] = list(range(ends[-1], n))
         self._prefetched: OrderedDict[ExpertKey, int] = OrderedDict()  # oldest first
         self._prefetch_unused: set[ExpertKey] = set()  # prefetched and not used yet (prefetch_used once each)
         self.counters = CacheCounters(layers=[LayerCounters() for _ in range(num_layers)])
@@ -219,5 +238,5 @@ class ExpertCache:
             raise AssertionError(f"cache buffers lost or shared: {sorted(owned)}")
         for layer in range(self.num_layers):
             n = len(self._lru[layer]) + len(self._free[layer])
-            if n != self.slots_per_layer:
-                raise AssertionError(f"layer {layer} owns {n} buffers, expected {self.slots_per_layer}")
+            if n != self.layer_slots[layer]:
+                raise AssertionError(f"layer {layer} owns {n} buffers, expected {self.layer_slots[layer]}")

@@ -52,6 +52,10 @@ class CoordinatorConfig:
     speculate: bool = True
     """Static/graph decoder: queue segment l+1 before layer l's routing is read, on the bet that its experts
     are where the rows table says (redone when not), so the GPU does not wait for the host between layers."""
+    pipeline: bool = True
+    """Queue decode step t+1 with token t still on the device (picked there by the sampler) and read token t
+    on the host while step t+1 runs, so the device does not wait for the host between tokens. A stop token
+    costs one step of discarded work."""
     zero_copy: bool = True
     """Copy straight from a co-located worker's shared memory when the source offers it (else always fetch
     through the source's transport into staging)."""

@@ -41,6 +41,8 @@ Eager mode (CPU, tests) runs the same segments without graphs; its experts go th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,25 +120,32 @@ class StaticDecoder:
         self.pos.fill_(n)
         self.length = n
 
-    def step(self, token: int) -> torch.Tensor:
-        """Appends ``token`` and returns the next position's logits [V] (float32)."""
+    def step(self, token: int | torch.Tensor, during: Callable[[], None] | None = None) -> torch.Tensor:
+        """Appends ``token`` (an id, or a [1] int64 device tensor a sampler wrote, read without a host sync)
+        and returns the next position's logits [V] (float32). ``during`` runs once, as soon as the first
+        segments are queued: host work (delivering the previous token) that then overlaps them."""
         if self.length >= self.S:
             raise ValueError(f"no position left: the decoder holds {self.S}")
         self.span = self._span_for(self.length + 1)
         graphs = self.graphs.get(self.span) if self.graphs_wanted else None
         if self.graphs_wanted and graphs is None:
             graphs = self.graphs[self.span] = self._capture()
-        self.tok.fill_(token)
+        if isinstance(token, torch.Tensor):
+            self.tok.copy_(token.view(1, 1))
+        else:
+            self.tok.fill_(token)
         self.runner.begin_step()
         if self.table:
-            self._table_step(graphs)
+            self._table_step(graphs, during)
         else:
             for seg in range(self.L + 1):
                 self.segment(seg)  # each layer's experts through run_layer, which reads its routing itself
+                if seg == 0 and during is not None:
+                    during()
         self.length += 1
         return self.logits
 
-    def _table_step(self, graphs: list[torch.cuda.CUDAGraph] | None) -> None:
+    def _table_step(self, graphs: list[torch.cuda.CUDAGraph] | None, during: Callable[[], None] | None) -> None:
         """One token of segments; between two, the host settles the layer the second one computes."""
         self._launch(0, graphs)
         for layer in range(self.L):
@@ -144,6 +153,9 @@ class StaticDecoder:
             if self.speculate:
                 self._launch(seg, graphs)  # before layer's routing is known: rows as the table stands
                 self.speculated += 1
+            if during is not None:  # segments 0 (and 1) are queued: the device has work while the host does this
+                during()
+                during = None
             if self._done:
                 self._done[layer].synchronize()  # route_host[layer] is on the host now
             buffers, moved = self._before_segment(seg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -20,11 +21,11 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
-from coordinator.cache import ExpertCache
+from coordinator.cache import ExpertCache, describe_slots, spread_slots
 from coordinator.config import GIB, CoordinatorConfig
 from coordinator.decode import StaticDecoder, graphs_apply, table_applies
-from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, Sampler,
-                                  TokenEvent, validate)
+from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, RequestOutput,
+                                  Sampler, TokenCopy, TokenEvent, validate)
 from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
 from coordinator.moe import RECALL_TOP, ExpertRunner
 from coordinator.transfer import Transfers
@@ -107,9 +108,9 @@ class Coordinator:
         manifests = load_manifests(source, self.layout, config.fetch_workers)
         slot_bytes = -(-max(m.nbytes for m in manifests.values()) // ALIGN) * ALIGN
         self.max_positions = min(mc.max_position_embeddings, config.max_seq_len or mc.max_position_embeddings)
-        self.slots_per_layer = self._slots_per_layer(slot_bytes)
-        self.cache = ExpertCache(mc.num_hidden_layers, self.slots_per_layer, config.spares, slot_bytes,
+        self.cache = ExpertCache(mc.num_hidden_layers, self._layer_slots(slot_bytes), config.spares, slot_bytes,
                                  self.device)
+        self.slots_per_layer = self.cache.slots_per_layer
         self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.spares,
                                    workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
                                    zero_copy=config.zero_copy)
@@ -132,8 +133,9 @@ class Coordinator:
                                           "cancelled_generated_tokens": 0,
                                           "prompt_tokens": 0, "generated_tokens": 0, "ttft_ms_sum": 0.0,
                                           "decode_tokens": 0, "decode_seconds": 0.0, "gpu_peak_bytes": 0}
-        log.info("coordinator ready: %d slots/layer x %d layers of %d bytes, %d spares, device %s",
-                 self.slots_per_layer, mc.num_hidden_layers, slot_bytes, config.spares, self.device)
+        log.info("coordinator ready: %d expert slots (%s) of %d bytes, %d spares, device %s",
+                 sum(self.cache.layer_slots), describe_slots(self.cache.layer_slots), slot_bytes, config.spares,
+                 self.device)
 
     # -- sizing --------------------------------------------------------------------------------------
     def _kv_bytes(self, dtype: torch.dtype) -> int:
@@ -142,17 +144,19 @@ class Coordinator:
         per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * head_dim * dtype.itemsize
         return per_token * self.max_positions
 
-    def _slots_per_layer(self, slot_bytes: int) -> int:
-        """k from the config: given, or what the memory budget leaves after weights, KV cache and workspace."""
+    def _layer_slots(self, slot_bytes: int) -> list[int]:
+        """LRU slots of each layer: k from the config, or every slot the memory budget leaves after weights,
+        KV cache and workspace. The budget buys whole slots, not whole layers: k each, and the remainder
+        one more each in layers spread evenly over the depth (at 8 GB Mixtral gets 2.8 per layer, not 2)."""
         cfg, mc = self.config, self.model.config
-        experts = mc.num_local_experts
+        layers, experts = mc.num_hidden_layers, mc.num_local_experts
         if cfg.experts_per_layer is not None:
-            return min(cfg.experts_per_layer, experts)
+            return [min(cfg.experts_per_layer, experts)] * layers
         budget = cfg.gpu_memory_gb * GIB if cfg.gpu_memory_gb is not None else None
         if budget is None and self.device.type == "cuda":
             budget = torch.cuda.mem_get_info(self.device)[0] * 0.9 + torch.cuda.memory_allocated(self.device)
         if budget is None:
-            return experts
+            return [experts] * layers
         dtype = compute_dtype(mc, self.device)
         dequant = 3 * mc.hidden_size * mc.intermediate_size * dtype.itemsize
         activations = 8 * self.max_positions * (mc.hidden_size + 2 * mc.intermediate_size) * dtype.itemsize
@@ -160,12 +164,12 @@ class Coordinator:
         workspace += CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
         left = budget - non_expert_bytes(self.model) - self._kv_bytes(dtype) - workspace
         left -= cfg.spares * slot_bytes
-        k = int(left // (mc.num_hidden_layers * slot_bytes))
-        if k < 1:
-            need = (budget - left + mc.num_hidden_layers * slot_bytes) / GIB
+        total = int(left // slot_bytes)
+        if total < layers:
+            need = (budget - left + layers * slot_bytes) / GIB
             raise ValueError(f"a {budget / GIB:.3f} GiB budget leaves no room for one expert per layer; "
                              f"need at least {need:.3f} GiB")
-        return min(k, experts)
+        return spread_slots(min(total, layers * experts), layers)
 
     # -- requests ------------------------------------------------------------------------------------
     def prepare(self, params: GenerateParams) -> list[int]:
@@ -204,39 +208,44 @@ class Coordinator:
 
     def run(self, params: GenerateParams, prompt_ids: Sequence[int], emit: Callable[[TokenEvent], None],
             cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
-        """Prefill + decode, emitting each token, then a final event with finish reason and stats."""
+        """Prefill + decode, emitting each token, then a final event with finish reason and stats.
+
+        Tokens are picked on the device. Pipelined (``CoordinatorConfig.pipeline``), step t+1 is queued with
+        token t still on the device, and token t is read and emitted once step t+1's first segments run: the
+        device does not wait for the host between tokens. A stop token is then known one step late; that
+        step's output is dropped."""
         arrived = time.monotonic() if arrived is None else arrived
         before = self.runner.stats()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        out = RequestOutput(params, Detokenizer(self.tokenizer, prompt_ids), emit, cancelled, self.eos)
         sampler = Sampler(params.temperature, params.top_p, params.seed)
-        detok = Detokenizer(self.tokenizer, prompt_ids)
         kv = self.new_kv_cache()
-        generated: list[int] = []
-        finish, first_at = "", 0.0
         try:
             with torch.inference_mode():
-                logits = self.step(prompt_ids, kv)
-                while not finish:
-                    token = sampler(logits)
-                    generated.append(token)
-                    first_at = first_at or time.monotonic()
-                    finish = ("stop" if token in self.eos else
-                              "length" if len(generated) >= params.max_new_tokens else "")
-                    emit(TokenEvent(token, detok.add(token)))
-                    if not finish:
-                        if cancelled():
-                            raise RequestCancelled(f"cancelled after {len(generated)} tokens")
-                        logits = self.step([token], kv)
+                pending = TokenCopy(sampler.pick(self.step(prompt_ids, kv)))
+                while True:
+                    if len(out.generated) + 1 >= params.max_new_tokens:  # pending is the last token: no step
+                        out.deliver(pending)
+                        break
+                    if self.config.pipeline:
+                        logits = self.step(pending.device_token, kv, during=functools.partial(out.deliver, pending))
+                    else:
+                        out.deliver(pending)
+                        logits = None if out.finish or out.cancel_seen else self.step(pending.device_token, kv)
+                    out.check_cancelled()
+                    if out.finish or logits is None:
+                        break
+                    pending = TokenCopy(sampler.pick(logits))
         except RequestCancelled:
             self._count("requests_cancelled")
-            self._count("cancelled_generated_tokens", len(generated))
+            self._count("cancelled_generated_tokens", len(out.generated))
             raise
         except BaseException:
             self._count("requests_failed")
             raise
-        stats = self._request_stats(prompt_ids, generated, arrived, first_at, before)
-        emit(TokenEvent(None, detok.flush(), finish, stats))
+        stats = self._request_stats(prompt_ids, out.generated, arrived, out.first_at, before)
+        emit(TokenEvent(None, out.detok.flush(), out.finish, stats))
 
     def new_kv_cache(self) -> DynamicCache:
         try:
@@ -246,8 +255,11 @@ class Coordinator:
         self._live_kv.add(kv)  # stats "kv_caches_live": a finished or cancelled request's cache must be gone
         return kv
 
-    def step(self, ids: Sequence[int], kv: DynamicCache) -> torch.Tensor:
-        """One forward pass over ``ids`` appended to the KV cache; the last position's logits [V] (float32).
+    def step(self, ids: Sequence[int] | torch.Tensor, kv: DynamicCache,
+             during: Callable[[], None] | None = None) -> torch.Tensor:
+        """One forward pass over ``ids`` (token ids, or a [1] int64 device tensor) appended to the KV cache;
+        the last position's logits [V] (float32). ``during`` runs once, when the step can spare the host
+        (the static decoder: once its first segments are queued; transformers' forward: first).
         Single-token steps after the prefill go to the static decoder when there is one: it takes the
         request's K/V over at its first step and keeps it from then on."""
         held = self._decoding() if self._decoding is not None else None
@@ -256,10 +268,14 @@ class Coordinator:
                 if held is not kv:
                     self.decoder.adopt(*_kv_tensors(kv))
                     self._decoding = weakref.ref(kv)
-                return self.decoder.step(ids[0]).clone()
+                token = ids if isinstance(ids, torch.Tensor) else ids[0]
+                return self.decoder.step(token, during).clone()
             if held is kv:
                 raise RuntimeError("this KV cache is held by the static decoder: only single tokens may follow")
-            input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            if during is not None:
+                during()
+            input_ids = (ids.view(1, -1) if isinstance(ids, torch.Tensor)
+                         else torch.tensor([list(ids)], dtype=torch.long, device=self.device))
             out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
             return out.logits[0, -1].float()
 
@@ -332,7 +348,8 @@ class Coordinator:
                "requests": done, "requests_failed": t["requests_failed"],
                "requests_cancelled": t["requests_cancelled"],
                "cancelled_generated_tokens": t["cancelled_generated_tokens"], "kv_caches_live": len(self._live_kv),
-               "slots_per_layer": self.slots_per_layer, "cache_bytes": self.cache.nbytes,
+               "slots_per_layer": self.slots_per_layer, "cache_slots": sum(self.cache.layer_slots),
+               "cache_bytes": self.cache.nbytes,
                "non_expert_bytes": self.shell_bytes}
         if self.decoder is not None:  # segments queued before their layer's routing was read, and redone
             out |= {"decode_segments_speculated": self.decoder.speculated,

@@ -253,7 +253,7 @@ class ExpertRunner:
                    top_k_weights: torch.Tensor) -> torch.Tensor:
         """Every routed expert made resident (misses land, prefetched ones join the LRU), then one
         ``gpu_kernels.moe_ffn`` over the arena: two launches for the layer, no host sync."""
-        if x.shape[0] > gk.GEMV_MAX_TOKENS or len(used) > self.cache.slots_per_layer:
+        if x.shape[0] > gk.GEMV_MAX_TOKENS or len(used) > self.cache.layer_slots[layer]:
             return self._moe_per_expert(layer, x, routing, used, top_k_weights)  # cannot hold them all at once
         rows, _ = self._make_resident(layer, used)
         slots = self._to_device([[rows[e] for e in row] for row in routing], torch.int32)
@@ -267,7 +267,7 @@ class ExpertRunner:
 
     def _make_resident(self, layer: int, used: list[int]) -> tuple[dict[int, int], bool]:
         """Every expert of ``used`` in an arena row of ``layer`` (misses land, prefetched ones join the LRU):
-        expert -> row, and whether all were in the LRU already. Needs len(used) <= slots_per_layer."""
+        expert -> row, and whether all were in the LRU already. Needs len(used) <= the layer's slots."""
         hit = self.cache.touch_resident(layer, used)  # all resident, the common case: a dict check per expert
         if hit is not None:
             return dict(zip(used, hit)), True

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="coordinator single-token steps: graphs, static, transformers, or auto [auto]")
     up.add_argument("--no-speculate", action="store_true",
                     help="coordinator decoder: wait for each layer's routing before queuing the next segment")
+    up.add_argument("--no-pipeline", action="store_true",
+                    help="coordinator: read each token on the host before queuing the next decode step")
     up.add_argument("--expert-host", type=float, default=1.0,
                     help="units of the expert_host resource per worker [1]")
     up.add_argument("--auth-token-file", default=None, metavar="FILE",
@@ -109,7 +111,8 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
                       attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
                       gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
-                      decode=args.decode, speculate=not args.no_speculate, namespace=args.namespace,
+                      decode=args.decode, speculate=not args.no_speculate, pipeline=not args.no_pipeline,
+                      namespace=args.namespace,
                       expert_host=args.expert_host, auth_token_file=_absolute(args.auth_token_file),
                       tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),
                       tls_root=_absolute(args.tls_root), ready_timeout_s=args.timeout)

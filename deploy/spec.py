@@ -57,6 +57,8 @@ class DeploySpec:
     speculate: bool = True
     """Whether the coordinator's decoder queues a segment before the previous layer's routing is read
     (``CoordinatorConfig.speculate``)."""
+    pipeline: bool = True
+    """Whether the coordinator queues decode step t+1 before reading token t (``CoordinatorConfig.pipeline``)."""
     namespace: str = NAMESPACE
     """Ray namespace of the deployment's actors."""
     expert_host: float = 1.0
@@ -146,6 +148,7 @@ class DeploySpec:
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
                 "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
                 "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
+        args += [] if self.pipeline else ["--no-pipeline"]
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]
         elif self.gpu_memory_gb is not None:

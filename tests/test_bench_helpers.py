@@ -12,12 +12,15 @@ from coordinator.__main__ import parse_args
 
 
 def test_sys_prefetch_items_become_coordinator_flags() -> None:
-    """Each (d) row's flags parse as the coordinator's own: prefetch, the layers guessed ahead, speculation."""
-    settings = prefetch_settings("2,2n,0,2:2")
-    assert [name for name, _ in settings] == ["_prefetch2", "_prefetch2_nospec", "_prefetch0", "_prefetch2_ahead2"]
+    """Each (d) row's flags parse as the coordinator's own: prefetch, the layers guessed ahead, speculation,
+    pipelining."""
+    settings = prefetch_settings("2,2n,0,2:2,2p,1np")
+    assert [name for name, _ in settings] == ["_prefetch2", "_prefetch2_nospec", "_prefetch0", "_prefetch2_ahead2",
+                                              "_prefetch2_nopipe", "_prefetch1_nospec_nopipe"]
     parsed = [parse_args(["serve", "--model", "m", "--workers", "127.0.0.1:1", *flags]) for _, flags in settings]
-    assert [(a.prefetch, a.prefetch_ahead, a.no_speculate) for a in parsed] == [
-        (2, 1, False), (2, 1, True), (0, 1, False), (2, 2, False)]
+    assert [(a.prefetch, a.prefetch_ahead, a.no_speculate, a.no_pipeline) for a in parsed] == [
+        (2, 1, False, False), (2, 1, True, False), (0, 1, False, False), (2, 2, False, False),
+        (2, 1, False, True), (1, 1, True, True)]
 
 
 def _row(variant: str, ms: float, cap: float | None = None, hit: float = 1.0, mb: float = 0.0) -> dict[str, Any]:
@@ -39,3 +42,25 @@ def test_report_floors_and_ratios() -> None:
     assert q["x_over_floor"] == pytest.approx(26 / 35) and q["x_over_bytes_floor"] == pytest.approx(40 / 35)
     assert q["x_over_b"] == pytest.approx(400 / 35) and q["x_over_c"] == pytest.approx(60 / 35)
     assert q["vram_ok"] and "x/bytes floor" in report.table(results)
+
+
+def test_merge_selects_rows_by_variant_cap_and_bits(tmp_path: Any) -> None:
+    """``TAG=FILE:PREFIX@CAP#BITS`` keeps only the rows it names; the merged table gets the first file's bandwidth."""
+    import json
+
+    from bench.merge_results import merge
+
+    two = [_row("a_resident", 10.0), _row("d_workers_shm_zero_copy", 20.0, 8.0, hit=0.9)]
+    three = [{**r, "bits": 3} for r in (_row("a_resident", 30.0), _row("d_workers_shm_zero_copy", 50.0, 12.0),
+                                         _row("d_workers_shm_zero_copy", 60.0, 8.0))]
+    files = []
+    for name, rows in (("x", two), ("y", two + three)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"env": {"date": name}, "bandwidth": {"h2d_pinned_GBps": 50.0}, "runs": rows}))
+        files.append(path)
+    merged = merge(str(tmp_path / "m"), [f"x={files[0]}", f"y={files[1]}:#3", f"z={files[1]}:d_@12#3"])
+    kept = [(r["run"], r["variant"], r["bits"], r["cap_gb"]) for r in merged["runs"]]
+    assert kept == [("x", "a_resident", 2, None), ("x", "d_workers_shm_zero_copy", 2, 8.0),
+                    ("y", "a_resident", 3, None), ("y", "d_workers_shm_zero_copy", 3, 12.0),
+                    ("y", "d_workers_shm_zero_copy", 3, 8.0), ("z", "d_workers_shm_zero_copy", 3, 12.0)]
+    assert merged["env"]["date"] == "x" and (tmp_path / "m.md").is_file()

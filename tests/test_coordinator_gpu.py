@@ -217,9 +217,20 @@ def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: 
         store.close()
 
 
+@pytest.fixture
+def deterministic_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The down kernel without split-K: its fp32 atomics add in a different order from run to run, so two
+    runs of the same decode differ in the last bits (and may flip a near-tie token) whatever the decoder does."""
+    import dataclasses
+
+    import coordinator.gpu_kernels as gk
+
+    monkeypatch.setattr(gk, "DOWN", dataclasses.replace(gk.DOWN, split_k=1))
+
+
 @pytest.mark.parametrize(("k", "prefetch"), [(2, 2), (3, 0)])
 def test_graph_speculation_is_bit_exact(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
-                                        prefetch: int) -> None:
+                                        prefetch: int, deterministic_down: None) -> None:
     """Segments queued before their layer's routing is read (the default) give the very logits of waiting
     for it, step after step through misses and evictions; the stale ones were redone."""
     from expert_workers.format import INT2
@@ -246,4 +257,44 @@ def test_graph_speculation_is_bit_exact(kernel_ckpt: Path, tmp_path_factory: pyt
     finally:
         spec.close()
         wait.close()
+        store.close()
+
+
+def test_device_sampling_draws_the_host_tokens() -> None:
+    """The sampler picks on the GPU (no sync: the decoder feeds the token to its next step) the token it picks
+    on the CPU for the same seed: greedy, temperature, top-p (a full sort there, a growing top-k here)."""
+    from coordinator.generate import Sampler
+
+    gen = torch.Generator().manual_seed(0)
+    logits = [torch.randn(32000, generator=gen) * s for s in (0.5, 2.0, 8.0) for _ in range(100)]
+    for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.3, 0.5)):
+        host, device = Sampler(temperature, top_p, seed=5), Sampler(temperature, top_p, seed=5)
+        picked = torch.cat([device.pick(x.cuda()) for x in logits]).tolist()
+        assert picked == [host(x) for x in logits], (temperature, top_p)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_pipelined_graph_decode_gives_the_unpipelined_tokens(kernel_ckpt: Path,
+                                                             tmp_path_factory: pytest.TempPathFactory,
+                                                             temperature: float, deterministic_down: None) -> None:
+    """Step t+1 queued with token t still on the device: the same tokens, seed for seed, and the same cache
+    traffic as reading each token on the host first."""
+    from expert_workers.format import INT2
+
+    store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xp"), progress=False).load()
+    src = make_source(stores=[store])
+    base = dict(device="cuda", attn_bits=4, experts_per_layer=2, prefetch=2, decode="graphs")
+    engines = [Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, pipeline=p)) for p in (True, False)]
+    try:
+        for prompt in ([5, 9, 33], list(range(10, 30))):
+            params = GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=24, temperature=temperature,
+                                    seed=11)
+            piped, plain = (e.generate(params) for e in engines)
+            assert [e.token_id for e in piped] == [e.token_id for e in plain]
+            if plain[-1].finish_reason == "length":  # after a stop token the pipelined one ran a discarded step
+                assert piped[-1].stats["cache_misses"] == plain[-1].stats["cache_misses"] > 0
+        engines[0].cache.check()
+    finally:
+        for e in engines:
+            e.close()
         store.close()

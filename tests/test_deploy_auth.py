@@ -145,16 +145,23 @@ def test_the_token_travels_as_a_path(tmp_path: Path, secrets: dict[str, Path]) -
 
 
 def test_coordinator_args_carry_the_decode_settings() -> None:
-    """``deploy up --prefetch N --prefetch-ahead A --decode MODE --no-speculate`` reach the coordinator's command
-    line; bad values are refused before anything starts."""
+    """``deploy up --prefetch N --prefetch-ahead A --decode MODE --no-speculate --no-pipeline`` reach the
+    coordinator's command line; bad values are refused before anything starts."""
     spec = DeploySpec(model="tiny-random", prefetch=3, prefetch_ahead=2, decode="static")
     args = spec.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
     assert args[args.index("--prefetch") + 1] == "3" and args[args.index("--prefetch-ahead") + 1] == "2"
     assert args[args.index("--decode") + 1] == "static" and "--no-speculate" not in args
+    assert "--no-pipeline" not in args
     from deploy.__main__ import _parser, _spec
 
-    quiet = _spec(_parser().parse_args(["up", "--model", "tiny-random", "--workers", "1", "--no-speculate"]))
-    assert not quiet.speculate and "--no-speculate" in quiet.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
+    quiet = _spec(_parser().parse_args(["up", "--model", "tiny-random", "--workers", "1", "--no-speculate",
+                                        "--no-pipeline"]))
+    quiet_args = quiet.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
+    assert not quiet.speculate and "--no-speculate" in quiet_args
+    assert not quiet.pipeline and "--no-pipeline" in quiet_args
+    from coordinator.__main__ import parse_args
+
+    assert parse_args(quiet_args).no_pipeline  # and the coordinator takes it
     from coordinator.config import DECODE_MODES
     from deploy.spec import DECODE_MODES as DEPLOY_DECODE_MODES
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,6 +106,76 @@ def test_static_speculation_is_redone_on_a_stale_row(tiny_ckpt: Path, tiny_exact
         assert 0 < stats["decode_segments_redone"] < speculated
     else:
         assert speculated == stats["decode_segments_redone"] == 0
+
+
+@pytest.mark.parametrize("decode", ["static", "transformers"])
+def test_memory_budget_spreads_odd_slots_exactly(tiny_ckpt: Path, tiny_exact: ExpertSource, decode: str) -> None:
+    """A budget that buys a number of slots the layer count does not divide gives some layers k + 1 (not all
+    k): every bought slot is used, and the uneven LRU still gives transformers' tokens."""
+    probe = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, experts_per_layer=1))
+    base, slot, layers = (probe.stats()["non_expert_bytes"], probe.cache.slot_bytes,
+                          probe.model.config.num_hidden_layers)
+    probe.close()
+    totals = []
+    for extra in (0, 1, layers + 1):  # the fixed costs are unknown here; each extra slot's worth buys one
+        budget = (base + 4_000_000 + (layers + 2 + extra) * slot) / 2**30
+        cfg = CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget, prefetch=2, decode=decode)
+        if extra < layers:
+            engine = Coordinator(tiny_ckpt, tiny_exact, cfg)
+            totals.append(engine.stats()["cache_slots"])
+            engine.close()
+            continue
+        assert totals[1] == totals[0] + 1
+        stats = assert_matches(tiny_ckpt, tiny_exact, reference_model(tiny_ckpt), TINY_PROMPTS, cfg)
+        assert stats["cache_slots"] == totals[0] + extra and stats["cache_slots"] % layers != 0
+        k = stats["slots_per_layer"]
+        assert k * layers < stats["cache_slots"] < (k + 1) * layers and stats["cache_misses"] > 0
+
+
+@pytest.mark.parametrize("decode", ["static", "transformers"])
+def test_pipelined_decode_emits_each_token_while_the_next_step_runs(tiny_ckpt: Path, tiny_exact: ExpertSource,
+                                                                    decode: str) -> None:
+    """Pipelined, token t is emitted once step t+1 took it as input (from the device, not the host); not
+    pipelined, the input still holds token t-1. Same tokens either way, equal to transformers'; a stop token
+    ends both at the same place, the pipelined one after one discarded step."""
+    prompt = TINY_PROMPTS[0]
+    expected = greedy(reference_model(tiny_ckpt), prompt, NEW_TOKENS)
+    inputs: dict[bool, list[int]] = {}
+    lengths: dict[bool, int] = {}
+    looked_up: dict[bool, list[float]] = {}
+    for pipeline in (True, False):
+        engine = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, experts_per_layer=2,
+                                                                      decode=decode, pipeline=pipeline))
+        try:
+            seen: list[int] = []
+            uses: list[float] = []
+            tok = engine.decoder.tok if engine.decoder is not None else None
+            events: list[Any] = []
+
+            def emit(e: Any, seen: list[int] = seen, tok: Any = tok, events: list[Any] = events,
+                     uses: list[float] = uses, engine: Coordinator = engine) -> None:
+                events.append(e)
+                if tok is not None and e.token_id is not None:
+                    seen.append(int(tok))  # the decoder's input buffer when this token is emitted
+                    uses.append(engine.runner.stats()["expert_uses"])  # experts looked up so far
+
+            engine.run(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=NEW_TOKENS), prompt, emit)
+            assert [e.token_id for e in events[:-1]] == expected
+            inputs[pipeline], looked_up[pipeline] = seen, uses
+            engine.eos = {expected[3]}  # a stop token: the 4th output (its first occurrence)
+            stop = engine.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=NEW_TOKENS))
+            first = expected.index(expected[3])
+            assert [e.token_id for e in stop[:-1]] == expected[:first + 1] and stop[-1].finish_reason == "stop"
+            if engine.decoder is not None:
+                lengths[pipeline] = engine.decoder.length  # positions the decoder filled for that request
+        finally:
+            engine.close()
+    if decode == "static":
+        assert inputs[True][:-1] == expected[:-1]  # step t+1 already has token t (the last one has no step)
+        assert inputs[False][1:] == expected[:-1]  # token t-1, the input of the step that made token t
+        assert lengths[True] == lengths[False] + 1  # the step queued behind the stop token, discarded
+        # emitted before step t+1 looked up any expert: only its first segments were queued
+        assert looked_up[True] == looked_up[False]
 
 
 def test_fused_sharded_checkpoint(tmp_path: Path) -> None:
