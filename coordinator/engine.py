@@ -228,11 +228,7 @@ class Coordinator:
                     if len(out.generated) + 1 >= params.max_new_tokens:  # pending is the last token: no step
                         out.deliver(pending)
                         break
-                    if self.config.pipeline:
-                        logits = self.step(pending.device_token, kv, during=functools.partial(out.deliver, pending))
-                    else:
-                        out.deliver(pending)
-                        logits = None if out.finish or out.cancel_seen else self.step(pending.device_token, kv)
+                    logits = self._advance(pending, kv, out)
                     out.check_cancelled()
                     if out.finish or logits is None:
                         break
@@ -246,6 +242,13 @@ class Coordinator:
             raise
         stats = self._request_stats(prompt_ids, out.generated, arrived, out.first_at, before)
         emit(TokenEvent(None, out.detok.flush(), out.finish, stats))
+
+    def _advance(self, pending: TokenCopy, kv: DynamicCache, out: RequestOutput) -> torch.Tensor | None:
+        """Delivers ``pending`` and runs the step it feeds: the logits, or None when the request ended with it."""
+        if self.config.pipeline:  # the step is queued first; the token is delivered once its first segments run
+            return self.step(pending.device_token, kv, during=functools.partial(out.deliver, pending))
+        out.deliver(pending)
+        return None if out.finish or out.cancel_seen else self.step(pending.device_token, kv)
 
     def new_kv_cache(self) -> DynamicCache:
         try:
