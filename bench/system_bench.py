@@ -240,7 +240,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
             tps = float(stats["decode_tokens_per_s"])
             server = stats.pop("server")
             # k: slots per layer, their mean when the budget spread them unevenly
-            k = server.get("cache_slots", shape.layers * server.get("slots_per_layer", 0)) / shape.layers
+            k = server["cache_slots"] / shape.layers
             row = {"variant": name, "bits": spec.bits, "cap_gb": cap, "k": k,
                    "tokens": gen, "graphs": False, "expert_bytes": templates[0][1].nbytes,
                    "ms_per_token": 1e3 / tps if tps else float("nan"), "tokens_per_s": tps,
@@ -372,11 +372,6 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
                     f"path {co.runner.path.name}")
                 if prefetch == 0:
                     continue
-                # the engine's own loop (sampling, detokenizing, emitting) without gRPC: what it adds to a step
-                events = co.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=tokens,
-                                                    temperature=1.0, seed=1))
-                plain["run"] = 1e3 / events[-1].stats["decode_tokens_per_s"]
-                log(f"Coordinator.run (temperature 1, no gRPC): {plain['run']:.1f} ms/token")
                 prof = cProfile.Profile()
                 prof.enable()
                 ms = _timed_steps(co, kv, stream[tokens:])
@@ -389,6 +384,12 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
                 table = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
                                                 max_name_column_width=60)
                 text = f"{ms:.1f} ms/token under cProfile\n{out.getvalue()}\ntorch.profiler, 4 tokens:\n{table}"
+                # the engine's own loop (sampling, detokenizing, emitting) without gRPC: what it adds to a step;
+                # last, since its request takes the static decoder over from ``kv``
+                events = co.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=tokens,
+                                                    temperature=1.0, seed=1))
+                plain["run"] = 1e3 / events[-1].stats["decode_tokens_per_s"]
+                log(f"Coordinator.run (temperature 1, no gRPC): {plain['run']:.1f} ms/token")
         finally:
             co.close()
     src.close()

@@ -110,7 +110,6 @@ class Coordinator:
         self.max_positions = min(mc.max_position_embeddings, config.max_seq_len or mc.max_position_embeddings)
         self.cache = ExpertCache(mc.num_hidden_layers, self._layer_slots(slot_bytes), config.spares, slot_bytes,
                                  self.device)
-        self.slots_per_layer = self.cache.slots_per_layer
         self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.spares,
                                    workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
                                    zero_copy=config.zero_copy)
@@ -138,6 +137,11 @@ class Coordinator:
                  self.device)
 
     # -- sizing --------------------------------------------------------------------------------------
+    @property
+    def slots_per_layer(self) -> int:
+        """k: the smallest layer's LRU slots (``ExpertCache.slots_per_layer``)."""
+        return self.cache.slots_per_layer
+
     def _kv_bytes(self, dtype: torch.dtype) -> int:
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads

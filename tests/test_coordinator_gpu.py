@@ -146,7 +146,6 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
     assert not any(id(e.transfers) in r.owners for e in (fast, slow) for r in PROCESS_REGISTRY.ranges)
 
 
-
 def test_three_bit_experts_dequantize_on_the_gpu(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """3-bit experts (no GEMV kernel) go through the Triton dequantize + cuBLAS path: the logits of hqq's own
     dequantize + matmul, fp16 rounding apart."""
