@@ -138,19 +138,8 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
     C = gk.GemvConfig
     gu_cands = [C(8, 2, 1, 4, 4), C(4, 2, 1, 4, 3), C(2, 4, 1, 4, 3), C(8, 2, 1, 4, 3)]
     dn_cands = [C(8, 2, 4, 4, 4), C(2, 4, 2, 4, 3), C(4, 2, 4, 4, 4), C(8, 2, 8, 4, 4)]
-    sweep: dict[str, float] = {}
-    best_gu, best_t = gk.GATE_UP, float("inf")
-    for c in gu_cands:
-        ms = graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay, gate_up=c, down=gk.DOWN))
-        sweep[f"gate_up {c}"] = ms
-        if ms < best_t:
-            best_gu, best_t = c, ms
-    best_dn = gk.DOWN
-    for c in dn_cands:
-        ms = graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay, gate_up=best_gu, down=c))
-        sweep[f"down {c}"] = ms
-        if ms < best_t:
-            best_dn, best_t = c, ms
+    time2 = lambda gu, dn: graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay, gate_up=gu, down=dn))  # noqa: E731
+    best_gu, best_dn, best_t, sweep = _sweep(time2, gu_cands, dn_cands, gk.GATE_UP, gk.DOWN, float("inf"))
     gk.set_configs(gate_up=best_gu, down=best_dn)
     res["sweep_ms"] = sweep
     res["best_configs"] = {"gate_up": best_gu.__dict__, "down": best_dn.__dict__}
@@ -191,18 +180,64 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
                                   F.linear(xb1.float(), gk.dequantize(pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64,
                                                                       "4bit_u8", torch.float32)))
 
-    # ---- 3-bit (no fused kernel: dequantize + cuBLAS)
     if tpl3:
-        b3 = [torch.from_numpy(tpl3[i % len(tpl3)][0]).to(device) for i in range(4)]
-        m3 = tpl3[0][1]
-        l3 = gk.layout_of(m3)
-        res["rel_err_3bit_vs_hqq"] = rel(gk.expert_ffn(x, b3[0], m3), reference(x, b3[0], m3))
-        t["3bit_ours_dequant_cublas"] = timeit(lambda i: gk._expert_ffn_dequant(x, b3[i], m3, l3, None), 4)
-        t["3bit_hqq_torch"] = timeit(lambda i: hqq_ffn(x, b3[i], m3), 4, reps=10)
-        del b3
+        res["bits3"] = run3(shape, tpl3, device, log)
     res["ms"] = t
     res["expert_bytes_2bit"] = man.nbytes
     res["effective_GBps_2experts_graph"] = 2 * man.nbytes / (best_t * 1e-3) / 1e9
     del bufs, slab
     torch.cuda.empty_cache()
+    return res
+
+
+def _sweep(time2: Callable[[gk.GemvConfig, gk.GemvConfig], float], gu_cands: list[gk.GemvConfig],
+           dn_cands: list[gk.GemvConfig], gu: gk.GemvConfig, dn: gk.GemvConfig, best_t: float
+           ) -> tuple[gk.GemvConfig, gk.GemvConfig, float, dict[str, float]]:
+    """Gate-up shapes first (with the current down), then down shapes with the best gate-up; a candidate
+    replaces (gu, dn) only when ``time2`` beats ``best_t``. Returns the winners, their time and every time."""
+    sweep: dict[str, float] = {}
+    for c in gu_cands:
+        ms = sweep[f"gate_up {c}"] = time2(c, dn)
+        if ms < best_t:
+            gu, best_t = c, ms
+    for c in dn_cands:
+        ms = sweep[f"down {c}"] = time2(gu, c)
+        if ms < best_t:
+            dn, best_t = c, ms
+    return gu, dn, best_t, sweep
+
+
+def run3(shape: ModelShape, tpl3: list[tuple[np.ndarray, ExpertManifest]], device: str,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    """3-bit experts (two planes, ``coordinator.planes3``): error against hqq, one expert eager and two graphed,
+    against the Triton dequantize + cuBLAS and hqq's torch path; then a launch-shape sweep whose winner is
+    installed for the runs after it."""
+    H, nrot = shape.hidden, 8
+    man = tpl3[0][1]
+    lay = gk.layout_of(man)
+    bufs = [torch.from_numpy(tpl3[i % len(tpl3)][0]).to(device) for i in range(nrot)]
+    slab = torch.stack([F.pad(b, (0, (-b.numel()) % 4096)) for b in bufs])
+    res: dict[str, Any] = {"expert_bytes": man.nbytes, "packing": lay.packing}
+    x = torch.randn(1, H, device=device, dtype=torch.float16)
+    res["rel_err_vs_hqq"] = rel(gk.expert_ffn(x, bufs[0], man), reference(x, bufs[0], man))
+    t: dict[str, float] = {}
+    t["gemv_expert_ffn_eager"] = timeit(lambda i: gk.expert_ffn(x, bufs[i], man), nrot)
+    t["dequant_cublas"] = timeit(lambda i: gk._expert_ffn_dequant(x, bufs[i], man, lay, None), nrot)
+    t["hqq_torch"] = timeit(lambda i: hqq_ffn(x, bufs[i], man), nrot, reps=10)
+    sl = torch.tensor([[0, 1]], device=device, dtype=torch.int32)
+    w2 = torch.tensor([[0.5, 0.5]], device=device)
+    t["moe_2experts_graph"] = graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay))
+    C = gk.GemvConfig
+    gu_cands = [C(4, 2, 1, 4, 3), C(2, 2, 1, 4, 3), C(2, 4, 1, 4, 3), C(4, 2, 1, 4, 4), C(8, 1, 1, 4, 3)]
+    dn_cands = [C(4, 2, 4, 4, 3), C(2, 2, 4, 4, 3), C(4, 2, 8, 4, 3), C(4, 2, 4, 4, 4), C(8, 2, 4, 4, 3)]
+    time2 = lambda gu, dn: graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay, gate_up=gu, down=dn))  # noqa: E731
+    best_gu, best_dn, best_t, sweep = _sweep(time2, gu_cands, dn_cands, gk.GATE_UP3, gk.DOWN3,
+                                             t["moe_2experts_graph"])
+    gk.set_configs(gate_up3=best_gu, down3=best_dn)
+    res["sweep_ms"] = sweep
+    res["best_configs"] = {"gate_up3": best_gu.__dict__, "down3": best_dn.__dict__}
+    t["moe_2experts_graph_tuned"] = best_t
+    res["ms"] = t
+    res["effective_GBps_2experts_graph"] = 2 * man.nbytes / (best_t * 1e-3) / 1e9
+    log(f"3-bit kernels: rel err {res['rel_err_vs_hqq']:.2e}; {t}; tuned gate_up3={best_gu} down3={best_dn}")
     return res

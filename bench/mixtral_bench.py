@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                          "peak at 8.2 GB in results/2026-11-30-h200-s4b)")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--kernels3", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --no-kernels and --caps3: still time and tune the 3-bit GEMV (kernel_bench.run3)")
     ap.add_argument("--shm-probe", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--eager-a", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--system", action=argparse.BooleanOptionalAction, default=True,
@@ -257,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="(c) mixtral-offloading style: transformers' eager forward + LRU + pinned, in-process")
     ap.add_argument("--bits2", action=argparse.BooleanOptionalAction, default=True,
                     help="2-bit variants in the bench loop (a, b, c, p)")
-    ap.add_argument("--system-runs", choices=("all", "inloop", "profile"), default="all",
-                    help="inloop: only our loop fed by the worker processes (no coordinator processes); profile: only --profile-coordinator")
+    ap.add_argument("--system-runs", choices=("all", "inloop", "coordinator", "profile"), default="all",
+                    help="inloop: only our loop fed by the worker processes (no coordinator processes); coordinator: "
+                         "only the coordinator processes ((d), (e)); profile: only --profile-coordinator")
     ap.add_argument("--system3", action=argparse.BooleanOptionalAction, default=False,
                     help="also run (d)/(e) with 3-bit workers")
     ap.add_argument("--profile-coordinator", action=argparse.BooleanOptionalAction, default=False,
@@ -305,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
             traceback.print_exc()
             results["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+    elif a.kernels3 and tpl3 and dev.startswith("cuda"):
+        from bench import kernel_bench
+        results["kernels3"] = kernel_bench.run3(shape, tpl3, dev, log)
         save()
     dense = build_dense(shape, dev)
     model = DecodeModel(shape, dense, gk.layout_of(tpl2[0][1]), dev)

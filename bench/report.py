@@ -143,4 +143,11 @@ def markdown(results: dict[str, Any]) -> str:
         md += ["## One expert FFN at batch 1 (ms)", "", "| path | ms |", "|---|---|"]
         md += [f"| {n} | {v:.4f} |" for n, v in k["ms"].items()]
         md.append("")
+    k3 = results.get("kernels3") or k.get("bits3") or {}
+    if k3.get("ms"):
+        md += [f"## 3-bit experts ({k3.get('packing')}, {k3.get('expert_bytes', 0) / 1e6:.1f} MB), batch 1 (ms)", "",
+               f"rel. error against hqq's dequantize + matmul: {k3.get('rel_err_vs_hqq', float('nan')):.2e}; launch "
+               f"shapes installed for the runs: {k3.get('best_configs')}", "", "| path | ms |", "|---|---|"]
+        md += [f"| {n} | {v:.4f} |" for n, v in k3["ms"].items()]
+        md.append("")
     return "\n".join(md)

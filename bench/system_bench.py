@@ -199,7 +199,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                 import traceback
                 traceback.print_exc()
                 log(f"coordinator profile failed: {e}")
-        if inloop is not None and args.system_runs != "profile":
+        if inloop is not None and args.system_runs in ("all", "inloop"):
             inloop(addrs)
         if args.offloading_eager and args.system_runs == "all":
             for cap in caps:
@@ -247,6 +247,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                    "expert_uses": stats["expert_uses"], "cache_hits": stats["cache_hits"],
                    "cache_misses": stats["cache_misses"], "prefetch_issued": stats["prefetch_issued"],
                    "prefetch_used": stats["prefetch_used"], "bytes_fetched": stats["bytes_fetched"],
+                   "prefetch_ahead_skipped": server.get("prefetch_ahead_skipped"),
                    "hit_rate": stats.get("hit_rate", 0.0), "prefetch_recall": stats.get("prefetch_recall"),
                    "bytes_per_token": stats["bytes_fetched"] / (gen + 1),
                    "vram_peak_bytes": stats["gpu_peak_bytes"] + ctx_bytes,

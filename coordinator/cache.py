@@ -57,6 +57,8 @@ class CacheCounters:
     """Prefetch loads started (predicted experts that were not cached); counted by the caller."""
     prefetch_used: int = 0
     """Prefetched experts later used while still in their spare buffer (counted as hits too)."""
+    prefetch_ahead_skipped: int = 0
+    """Guesses two layers ahead not prefetched because the copy engine was busy; counted by the caller."""
 
     @property
     def hits(self) -> int:
@@ -69,7 +71,8 @@ class CacheCounters:
     def snapshot(self) -> dict[str, float]:
         out: dict[str, float] = {"expert_uses": self.hits + self.misses, "cache_hits": self.hits,
                                  "cache_misses": self.misses, "prefetch_issued": self.prefetch_issued,
-                                 "prefetch_used": self.prefetch_used}
+                                 "prefetch_used": self.prefetch_used,
+                                 "prefetch_ahead_skipped": self.prefetch_ahead_skipped}
         for i, c in enumerate(self.layers):
             out[f"layer{i}_hits"] = c.hits
             out[f"layer{i}_misses"] = c.misses

@@ -31,7 +31,8 @@ class CoordinatorConfig:
     """Experts of layer l+1 to prefetch after layer l (0 = off); also the number of spare buffers per guess."""
     prefetch_ahead: int = 1
     """Layers guessed ahead by the static/graph decoder: 1, or 2 to also prefetch layer l+2's likely experts
-    (found less often, but twice as early: ``bench/prefetch_reach``). Spare buffers: prefetch x this."""
+    (found less often, but twice as early: ``bench/prefetch_reach``) whenever the copy engine is idle. Spare
+    buffers: prefetch x this."""
     attn_bits: int = 4
     """hqq bits for attention q/k/v/o: 4, 8 or 16 (as in the checkpoint)."""
     attn_group_size: int = 64

@@ -14,12 +14,15 @@ v = 0..V-1, most significant bits first. Since R/V = (N/V)·(K/g), ``W_q`` viewe
 computes V·BN outputs and every byte is read once. ``scale``/``zero`` are [R] fp16 and W = (W_q − zero)·scale.
 The kernels use the factored form  Σ_k W·x = Σ_groups scale·(Σ_j q·x − zero·Σ_j x)  (4 ops a weight).
 
+3-bit codes come as two planes, "2bit_u8" and "1bit_u8" of the same rows (``format.PLANES3``), read by the
+kernels of ``coordinator.planes3`` the same way (one tile computes 8 rows per packed row).
+
 Paths, fastest first:
-1. Triton GEMV kernels (this module) for u8 packings (2, 4, 8 bits) and M ≤ ``GEMV_MAX_TOKENS``: one launch
-   for w1+w3+silu·mul of all (token, expert) pairs, one for w2 + the routing-weighted sum. Slots can be read
-   from a device tensor (``moe_ffn``), so a whole layer is graph-capturable.
-2. A Triton dequantize kernel (any packing, 3-bit "3bit_32" included) into a reused fp16 workspace + cuBLAS:
-   for 3 bits and for prefill-sized M.
+1. Triton GEMV kernels (this module; ``planes3`` for 3 bits) for u8 packings (2, 3, 4, 8 bits) and M ≤
+   ``GEMV_MAX_TOKENS``: one launch for w1+w3+silu·mul of all (token, expert) pairs, one for w2 + the
+   routing-weighted sum. Slots can be read from a device tensor (``moe_ffn``), so a whole layer is
+   graph-capturable.
+2. A Triton dequantize kernel (any packing) into a reused fp16 workspace + cuBLAS: for prefill-sized M.
 3. On CPU: hqq's own ``Quantizer.dequantize`` (``format.dequantize_matrix``) + matmul; bits 16: plain matmul.
 """
 
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from expert_workers.format import ExpertManifest, dtype_of, tensor_views, dequantize_matrix
+from expert_workers.format import PLANES3, ExpertManifest, dequantize_matrix, dtype_of, tensor_views
 
 try:  # Triton comes with gemlite on Linux; without it (or without CUDA) the torch path serves
     import triton
@@ -69,13 +72,19 @@ class GemvConfig:
 GATE_UP = GemvConfig(block_n=8, groups_per_block=2, split_k=1, num_warps=4, num_stages=4)
 DOWN = GemvConfig(block_n=8, groups_per_block=2, split_k=4, num_warps=4, num_stages=4)
 LINEAR = GemvConfig(block_n=4, groups_per_block=2, split_k=1, num_warps=4, num_stages=3)
+# 3-bit planes (bench/results/2026-11-30-h200-s6c.json, "kernels3"): 2 experts in 0.24 ms graphed; (2, 4) for
+# gate-up was 1% faster than (4, 2), within noise, and would need K to be a multiple of 256
+GATE_UP3 = GemvConfig(block_n=4, groups_per_block=2, split_k=1, num_warps=4, num_stages=3)
+DOWN3 = GemvConfig(block_n=8, groups_per_block=2, split_k=4, num_warps=4, num_stages=3)
 
 
 def set_configs(gate_up: GemvConfig | None = None, down: GemvConfig | None = None,
-                linear: GemvConfig | None = None) -> None:
+                linear: GemvConfig | None = None, gate_up3: GemvConfig | None = None,
+                down3: GemvConfig | None = None) -> None:
     """Installs tuned launch shapes (bench/kernel_bench.py picks them on the target GPU)."""
-    global GATE_UP, DOWN, LINEAR
+    global GATE_UP, DOWN, LINEAR, GATE_UP3, DOWN3
     GATE_UP, DOWN, LINEAR = gate_up or GATE_UP, down or DOWN, linear or LINEAR
+    GATE_UP3, DOWN3 = gate_up3 or GATE_UP3, down3 or DOWN3
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,9 @@ class PackedLayout:
     wq_rows: tuple[int, ...] = ()
     """Rows of each matrix's packed W_q ([rows, group_size]): the hqq packing step."""
     wq_dtype: str = "uint8"
-    """Dtype of W_q ("uint8", or "int32" for 3bit_32)."""
+    """Dtype of W_q ("uint8"; "int32" for hqq's own 3-bit packing, "3bit_32")."""
+    hi_offsets: tuple[int, ...] = ()
+    """Byte offsets of the high-bit planes (W_qh) of w1, w3, w2: PLANES3 only."""
 
     @classmethod
     def from_manifest(cls, m: ExpertManifest) -> PackedLayout:
@@ -117,14 +128,26 @@ class PackedLayout:
         return cls(hidden=w1.shape[1], inter=w1.shape[0], bits=w1.bits, group_size=w1.group_size,
                    packing=w1.packing, offsets=offsets, weight_dtype=wdt, nbytes=m.nbytes,
                    wq_rows=tuple(e.nbytes // (w1.group_size * dtype_of(e.dtype).itemsize) for e in wq),
-                   wq_dtype=wq[0].dtype if wq else "uint8")
+                   wq_dtype=wq[0].dtype if wq else "uint8",
+                   hi_offsets=tuple(mat.tensors["W_qh"].offset for mat in (w1, w3, w2))
+                   if w1.packing == PLANES3 else ())
+
+    @property
+    def vals(self) -> int:
+        """Output rows one packed row feeds (8/bits for u8 packings, 8 for PLANES3; 0: no GEMV kernel)."""
+        return 8 if self.packing == PLANES3 else 8 // self.bits if self.packing in _U8_PACKINGS else 0
 
     @property
     def fused(self) -> bool:
         """Whether the Triton GEMV kernels read this layout directly."""
-        vals = 8 // self.bits if self.packing in _U8_PACKINGS else 0
+        vals = self.vals
         return (vals > 0 and self.hidden % vals == 0 and self.inter % vals == 0
                 and self.hidden % self.group_size == 0 and self.inter % self.group_size == 0)
+
+
+def configs_for(layout: PackedLayout) -> tuple[GemvConfig, GemvConfig]:
+    """The (gate-up, down) launch shapes the GEMV kernels use for ``layout``."""
+    return (GATE_UP3, DOWN3) if layout.packing == PLANES3 else (GATE_UP, DOWN)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -347,8 +370,9 @@ def moe_ffn(x: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, weights: t
     m, t = slots.shape
     if not layout.fused or m > GEMV_MAX_TOKENS:
         return _moe_ffn_unfused(x, slab, slots, weights, layout, out)
+    gu, dn = configs_for(layout)
     return _launch(x, slab, slab.stride(0), slots.reshape(-1), weights.reshape(-1).float(), t, True,
-                   layout, out, gate_up or GATE_UP, down or DOWN)
+                   layout, out, gate_up or gu, down or dn)
 
 
 def expert_ffn(x: torch.Tensor, buf: torch.Tensor, manifest: ExpertManifest | PackedLayout,
@@ -356,7 +380,7 @@ def expert_ffn(x: torch.Tensor, buf: torch.Tensor, manifest: ExpertManifest | Pa
     """y = w2 · (silu(w1 · x) * (w3 · x)) for one packed expert ``buf`` (uint8, any device); x [M, H]."""
     layout = manifest if isinstance(manifest, PackedLayout) else layout_of(manifest)
     if _triton_ok(x) and layout.fused and x.shape[0] <= GEMV_MAX_TOKENS:
-        return _launch(x, buf, 0, buf, buf, 1, False, layout, out, GATE_UP, DOWN)
+        return _launch(x, buf, 0, buf, buf, 1, False, layout, out, *configs_for(layout))
     return _expert_ffn_dequant(x, buf, manifest, layout, out)
 
 
@@ -375,7 +399,7 @@ def _launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tenso
             gu: GemvConfig, dn: GemvConfig) -> torch.Tensor:
     m = x.shape[0]
     hdim, idim, g, bits = lay.hidden, lay.inter, lay.group_size, lay.bits
-    vals = 8 // bits
+    vals = lay.vals
     x = x.contiguous()
     _check_cfg(gu, hdim, g)
     _check_cfg(dn, idim, g)
@@ -391,6 +415,11 @@ def _launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tenso
         split_zero = False
     else:
         split_zero = split
+    if lay.packing == PLANES3:
+        from coordinator import planes3  # it builds on this module's Triton helpers
+
+        planes3.launch(x, base, stride, slots, w, topk, indirect, lay, h, y, split_zero, gu, dn)
+        return _finish(x, y, out, split)
     _gate_up_kernel[grid1](x, base, slots, stride, h, y, m * hdim, o[0], o[1], o[2], o[3], o[4], o[5],
                            hdim, idim, g, bits, topk, indirect, split_zero, wdt,
                            BN=gu.block_n, GPB=gu.groups_per_block, num_warps=gu.num_warps,
@@ -399,6 +428,11 @@ def _launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tenso
     _down_kernel[grid2](h, base, slots, stride, w, y, o[6], o[7], o[8], hdim, idim, g, bits, topk,
                         indirect, dn.split_k, wdt, BN=dn.block_n, GPB=dn.groups_per_block,
                         num_warps=dn.num_warps, num_stages=dn.num_stages)
+    return _finish(x, y, out, split)
+
+
+def _finish(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None, split: bool) -> torch.Tensor:
+    """The result in x's dtype (split-K accumulated in fp32), written into ``out`` when given."""
     if not split:
         return y
     if out is None:
@@ -483,6 +517,12 @@ def _weights_of(buf: torch.Tensor, manifest: ExpertManifest | PackedLayout, lay:
             scale = buf[os_:os_ + wdt.itemsize * ngroups].view(wdt)
             zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
             w = _workspace(s[0] * s[1], buf.device, dtype, i).view(s)
+            if lay.packing == PLANES3:
+                from coordinator import planes3
+
+                hi = buf[lay.hi_offsets[i]:lay.hi_offsets[i] + w_q.numel() // 2]
+                out.append(planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w))
+                continue
             out.append(dequantize(w_q, scale, zero, s, lay.bits, lay.group_size, lay.packing, dtype, w))
         return out
     if not isinstance(manifest, ExpertManifest):

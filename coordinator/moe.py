@@ -8,9 +8,10 @@ One MoE step (a prefill chunk or one decode token), short on purpose:
     route (given, read to the host once) -> look up the cache -> start fetches for misses -> compute.
 How experts are computed is a ``MoePath`` chosen once per runner (``select_path``):
 - "hqq" (CPU, and whatever the GPU kernels do not read): per expert, as misses land, hqq's dequantize + matmul;
-- "dequant" (CUDA, SiLU, one layout the GEMV kernels do not read: 3-bit): per expert, as misses land, a
-  Triton dequantize into a reused workspace + cuBLAS (``gpu_kernels.expert_ffn``);
-- "gemv_layer" (CUDA, SiLU, one u8-packed 2/4/8-bit layout): the layer's misses land first, then one
+- "dequant" (CUDA, SiLU, one layout the GEMV kernels do not read: hqq's own "3bit_32", shapes that are not a
+  multiple of 8): per expert, as misses land, a Triton dequantize into a reused workspace + cuBLAS
+  (``gpu_kernels.expert_ffn``);
+- "gemv_layer" (CUDA, SiLU, one u8-packed 2/3/4/8-bit layout): the layer's misses land first, then one
   ``gpu_kernels.moe_ffn`` launch pair computes every routed (token, expert) pair straight from the cache
   arena, reading arena rows from a device tensor; a step that cannot hold all its experts at once (more
   distinct experts than cache slots, or a prefill) goes per expert, with the Triton GEMV for ≤ 4 tokens.
@@ -33,7 +34,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from coordinator import gpu_kernels as gk
 from coordinator.cache import ExpertCache
 from coordinator.transfer import Load, Transfers
-from expert_workers.format import ExpertKey, ExpertManifest, hqq_meta
+from expert_workers.format import ExpertKey, ExpertManifest, dequantize_views
 
 log = logging.getLogger(__name__)
 EXPERTS_IMPLEMENTATION = "moe_serving_offload"
@@ -44,13 +45,7 @@ ExpertFn = Callable[[SlotViews, ExpertManifest, torch.Tensor, Callable[[torch.Te
 
 
 def _weight(views: SlotViews, manifest: ExpertManifest, name: str, dtype: torch.dtype) -> torch.Tensor:
-    m = manifest.matrices[name]
-    v = views[name]
-    if m.bits == 16:
-        return v["weight"].to(dtype)
-    from hqq.core.quantize import Quantizer
-
-    return Quantizer.dequantize(v["W_q"], hqq_meta(m, v["scale"], v["zero"])).to(dtype)
+    return dequantize_views(manifest.matrices[name], views[name]).to(dtype)
 
 
 def expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
@@ -103,8 +98,9 @@ def _is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
 
 def gemv_reads(layout: gk.PackedLayout) -> bool:
     """Whether the fused GEMV kernels read ``layout`` with their launch shapes (K a multiple of their step)."""
-    return (layout.fused and layout.hidden % (gk.GATE_UP.groups_per_block * layout.group_size) == 0
-            and layout.inter % (gk.DOWN.groups_per_block * layout.group_size) == 0)
+    gate_up, down = gk.configs_for(layout)
+    return (layout.fused and layout.hidden % (gate_up.groups_per_block * layout.group_size) == 0
+            and layout.inter % (down.groups_per_block * layout.group_size) == 0)
 
 
 def select_path(device: torch.device, act: Callable[[torch.Tensor], torch.Tensor],
@@ -117,7 +113,7 @@ def select_path(device: torch.device, act: Callable[[torch.Tensor], torch.Tensor
     if len(layouts) != 1:
         return HQQ_PATH
     layout = layouts.pop()
-    if not layout.fused and layout.bits != 16:  # 3-bit: no GEMV kernel, but hqq's torch dequantize is slower
+    if not layout.fused and layout.bits != 16:  # no GEMV kernel, but hqq's torch dequantize is slower
         return MoePath("dequant", dequant_expert_ffn)
     return MoePath("gemv_layer", gemv_expert_ffn, layout) if gemv_reads(layout) else HQQ_PATH
 
@@ -353,15 +349,21 @@ class ExpertRunner:
         self._held = self._prefetch_top(layer, ranked, set())
 
     def predict_ahead(self, layer: int, ranked: list[int]) -> None:
-        """A guess made two layers ahead (``prefetch_ahead`` 2): prefetched like ``predict``'s, after it, without
-        taking the spare of an expert the nearer guess holds; not scored for recall (the nearer guess for
-        this layer comes later and replaces it)."""
-        self._prefetch_top(layer, ranked, self._held)
+        """A guess made two layers ahead (``prefetch_ahead`` 2), prefetched like ``predict``'s, after it, without
+        taking the spare of an expert the nearer guess holds, and only into an idle copy engine: copies are
+        served in order, so a far guess must never delay a nearer one or a demand miss, and it is wrong more
+        often (``bench/prefetch_reach``). When right, the nearer guess for the layer finds it on its way. Not
+        scored for recall (the nearer guess for this layer comes later and replaces it)."""
+        self._prefetch_top(layer, ranked, self._held, only_if_idle=True)
 
-    def _prefetch_top(self, layer: int, ranked: list[int], held: set[ExpertKey]) -> set[ExpertKey]:
+    def _prefetch_top(self, layer: int, ranked: list[int], held: set[ExpertKey],
+                      only_if_idle: bool = False) -> set[ExpertKey]:
         """Prefetches the top ``prefetch`` of ``ranked`` that are not cached; returns their keys."""
         wanted = [ExpertKey(layer, e) for e in ranked[:self.prefetch]]  # most likely first
         missing = [key for key in wanted if not self.cache.contains(key)]
+        if missing and only_if_idle and (self._prefetch_loads or not self.transfers.idle()):
+            self.cache.counters.prefetch_ahead_skipped += 1
+            missing = []
         if missing:
             keep = set(wanted) | held
             for key in missing:

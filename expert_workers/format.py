@@ -8,7 +8,10 @@ An expert is the three matrices of a Mixtral FFN, ``y = w2 · (silu(w1 · x) * (
 
 Each matrix is either hqq-quantized (bits 2/3/4/8, grouped along the input axis, ``axis=1``, the layout
 gemlite's ``A16Wn`` consumes) and stored as three tensors ``W_q`` (packed integers), ``scale`` and
-``zero`` (fp16), or kept as is (bits 16) as one tensor ``weight``. All tensors of one expert live in one
+``zero`` (fp16), or kept as is (bits 16) as one tensor ``weight``. 3-bit codes are repacked as two planes
+(``PLANES3``: the low 2 bits in hqq's "2bit_u8" packing as ``W_q``, the high bit in its "1bit_u8" packing as
+``W_qh``): hqq's own "3bit_32" puts ten codes in a word from group rows a tenth of the matrix apart, which no
+GEMV tile can read row-locally, and it spends 3.2 bits per code where the planes spend 3. All tensors of one expert live in one
 buffer at 256-byte aligned offsets, so moving an expert is one copy and every tensor is a zero-copy view.
 
 The workers own this format; the coordinator only reads manifests.
@@ -65,6 +68,10 @@ ALIGN = 256
 MATRICES = ("w1", "w3", "w2")
 QUANT_BITS = (2, 3, 4, 8)
 ALL_BITS = QUANT_BITS + (16,)
+PLANES3 = "3bit_planes_u8"
+"""Packing name of 3-bit codes stored as a 2-bit plane (``W_q``) and a 1-bit plane (``W_qh``)."""
+PACKING_REVISION = "3bit-planes"
+"""Changes whenever a packing changes without a manifest schema change: part of the on-disk cache key."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8, "int32": torch.int32, "float16": torch.float16,
@@ -153,11 +160,11 @@ class MatrixEntry:
     group_size: int
     """hqq group size (0 for bits 16)."""
     packing: str
-    """hqq packing name ("2bit_u8", "3bit_32", ...), "" for bits 16."""
+    """hqq packing name ("2bit_u8", "4bit_u8", ...), PLANES3 for 3 bits, "" for bits 16."""
     compute_dtype: str
     """Dtype hqq dequantizes into."""
     tensors: Mapping[str, TensorEntry]
-    """"W_q", "scale", "zero" (quantized) or "weight" (bits 16)."""
+    """"W_q", "scale", "zero" (quantized; PLANES3 adds "W_qh") or "weight" (bits 16)."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +241,23 @@ def _quantize_matrix(weight: torch.Tensor, spec: QuantSpec) -> tuple[dict[str, t
     cdt = dtype_of(spec.compute_dtype)
     tensors = {"W_q": w_q.contiguous(), "scale": meta["scale"].to(cdt).contiguous(),
                "zero": meta["zero"].to(cdt).contiguous()}
-    return tensors, {"bits": spec.bits, "group_size": spec.group_size, "packing": meta["packing"],
+    packing = meta["packing"]
+    if spec.bits == 3:
+        tensors |= _planes_of(w_q, meta["shape"][0] * meta["shape"][1] // spec.group_size)
+        packing = PLANES3
+    return tensors, {"bits": spec.bits, "group_size": spec.group_size, "packing": packing,
                      "compute_dtype": spec.compute_dtype}
+
+
+def _planes_of(w_q: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    """hqq's "3bit_32" words [ceil(R/10), g] as PLANES3: ``W_q`` [R'/4, g] and ``W_qh`` [R'/8, g] uint8, R' = R
+    padded to a multiple of 8 with zero codes (R = group rows; no padding when the output dim is a multiple of
+    8). Both planes use hqq's own packers, so row i of a plane holds group rows i + v·R'/V, as in "2bit_u8"."""
+    from hqq.core.bitpack import BitPack
+
+    codes = BitPack.unpack_3bit_32(w_q)[:rows]
+    codes = torch.cat([codes, codes.new_zeros(((-rows) % 8, codes.shape[1]))])
+    return {"W_q": BitPack.pack_2bit_u8(codes & 3).contiguous(), "W_qh": BitPack.pack_1bit_u8(codes >> 2).contiguous()}
 
 
 def pack_expert(key: ExpertKey, weights: Mapping[str, torch.Tensor], spec: QuantSpec,
@@ -288,18 +310,30 @@ def hqq_meta(m: MatrixEntry, scale: torch.Tensor, zero: torch.Tensor) -> dict[st
 
 def dequantize_matrix(buf: torch.Tensor, manifest: ExpertManifest, name: str) -> torch.Tensor:
     """The [out, in] weight of matrix ``name``, dequantized by hqq exactly as hqq itself would."""
-    m = manifest.matrices[name]
-    views = tensor_views(buf, manifest)[name]
+    return dequantize_views(manifest.matrices[name], tensor_views(buf, manifest)[name])
+
+
+def dequantize_views(m: MatrixEntry, views: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``dequantize_matrix`` on one matrix's tensor views. PLANES3 codes are unpacked with hqq's unpackers
+    and go through hqq's dequantize formula, so the weight is bit-identical to hqq's from "3bit_32"."""
     if m.bits == 16:
         return views["weight"]
     from hqq.core.quantize import Quantizer
 
-    return Quantizer.dequantize(views["W_q"], hqq_meta(m, views["scale"], views["zero"]))
+    if m.packing != PLANES3:
+        return Quantizer.dequantize(views["W_q"], hqq_meta(m, views["scale"], views["zero"]))
+    from hqq.core.bitpack import BitPack
+
+    cdt = dtype_of(m.compute_dtype)
+    codes = BitPack.unpack_2bit_u8(views["W_q"], dtype=cdt) + 4 * BitPack.unpack_1bit_u8(views["W_qh"], dtype=cdt)
+    codes = codes[:m.shape[0] * m.shape[1] // m.group_size]
+    return ((codes - views["zero"]) * views["scale"]).reshape(m.shape)
 
 
 def quant_fingerprint(source_fingerprint: str, spec: QuantSpec) -> str:
     """Fingerprint of (checkpoint, quantization settings, format version): keys the on-disk cache."""
-    h = hashlib.sha256(f"{source_fingerprint}|{sorted(spec.as_dict().items())}|v{FORMAT_VERSION}".encode())
+    key = f"{source_fingerprint}|{sorted(spec.as_dict().items())}|v{FORMAT_VERSION}|{PACKING_REVISION}"
+    h = hashlib.sha256(key.encode())
     return h.hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@ co-located worker's shared memory, device memory accounting. Skipped without CUD
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,17 +147,18 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
     assert not any(id(e.transfers) in r.owners for e in (fast, slow) for r in PROCESS_REGISTRY.ranges)
 
 
-def test_three_bit_experts_dequantize_on_the_gpu(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """3-bit experts (no GEMV kernel) go through the Triton dequantize + cuBLAS path: the logits of hqq's own
-    dequantize + matmul, fp16 rounding apart."""
+def test_three_bit_experts_run_the_graphed_gemv(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """3-bit experts (two planes) go through the fused GEMV and CUDA graphs: the logits of hqq's own
+    dequantize + matmul, fp16 rounding apart, with misses and prefetches on the way."""
     from expert_workers.format import INT3
 
     store = ExpertStore(kernel_ckpt, "0/1", INT3, cache_dir=tmp_path_factory.mktemp("x3"), progress=False).load()
     src = make_source(stores=[store])
     cfg = CoordinatorConfig(device="cuda", attn_bits=16, experts_per_layer=2, prefetch=1)
-    fast, slow = Coordinator(kernel_ckpt, src, cfg), Coordinator(kernel_ckpt, src, cfg)
+    fast = Coordinator(kernel_ckpt, src, cfg)
+    slow = Coordinator(kernel_ckpt, src, dataclasses.replace(cfg, decode="transformers"))
     try:
-        assert fast.runner.path.name == "dequant" and fast.decoder is None  # auto: no graphs without the GEMV
+        assert fast.runner.path.name == "gemv_layer" and fast.decoder is not None and fast.decoder.graphs_wanted
         _hqq_reference_paths(slow)
         kv_f, kv_s = fast.new_kv_cache(), slow.new_kv_cache()
         with torch.inference_mode():
@@ -173,13 +175,16 @@ def test_three_bit_experts_dequantize_on_the_gpu(kernel_ckpt: Path, tmp_path_fac
         store.close()
 
 # -- the CUDA-graph decode path (coordinator.decode) -------------------------------------------------------
-@pytest.mark.parametrize(("k", "prefetch", "zero_copy"), [(8, 0, True), (2, 2, True), (3, 1, False)])
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "ahead"),
+                         [(8, 0, True, 1), (2, 2, True, 1), (3, 1, False, 1), (2, 2, True, 2)])
 def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
-                                           prefetch: int, zero_copy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+                                           prefetch: int, zero_copy: bool, ahead: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """decode "graphs" (static buffers, one CUDA graph per segment, experts from the arena) gives the logits of
     transformers' own forward on the same engine settings, step after step, over requests that reuse the
     captured graphs and sequences that outgrow a span (new graphs); the cache stays consistent and the
-    counters add up."""
+    counters add up. ahead 2: the far guesses go only into an idle copy engine (the transformers path
+    ignores them)."""
     import coordinator.decode
     from expert_workers.format import INT2
 
@@ -188,7 +193,7 @@ def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: 
     store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xg"), progress=False).load()
     src = make_source(stores=[store])
     base = dict(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy)
-    graphs = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base))  # auto: graphs apply here
+    graphs = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, prefetch_ahead=ahead))  # auto: graphs apply
     plain = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, decode="transformers"))
     try:
         assert graphs.decoder is not None and graphs.decoder.graphs_wanted

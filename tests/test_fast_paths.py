@@ -4,6 +4,7 @@ paths themselves are checked against hqq on CUDA in test_coordinator_gpu.py."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 import pytest
@@ -14,13 +15,13 @@ from torch import nn
 from coordinator import gpu_kernels as gk
 from coordinator.moe import HQQ_PATH, dequant_expert_ffn, gemv_expert_ffn, select_path
 from coordinator.pinning import HostRegistry
-from expert_workers.format import ExpertKey, QuantSpec, pack_expert
+from expert_workers.format import ExpertKey, ExpertManifest, MatrixEntry, QuantSpec, pack_expert
 
 CUDA = torch.device("cuda")
 
 
 @lru_cache(maxsize=None)
-def _manifests(bits: int, hidden: int = 256, inter: int = 512, n: int = 2) -> dict[ExpertKey, object]:
+def _manifests(bits: int, hidden: int = 256, inter: int = 512, n: int = 2) -> dict[ExpertKey, ExpertManifest]:
     torch.manual_seed(0)
     out = {}
     for e in range(n):
@@ -38,8 +39,19 @@ def test_cuda_u8_silu_layout_takes_the_layer_kernel() -> None:
     assert path.name == "gemv_layer" and path.expert_fn is gemv_expert_ffn
     assert path.layout == gk.layout_of(next(iter(manifests.values())))
     assert select_path(CUDA, F.silu, _manifests(4)).name == "gemv_layer"
-    three = select_path(CUDA, F.silu, _manifests(3))  # 3bit_32 packing: no GEMV, the Triton dequantize
-    assert three.name == "dequant" and three.expert_fn is dequant_expert_ffn and three.layout is None
+    three = select_path(CUDA, F.silu, _manifests(3))  # 3 bits as two planes: the 8-rows-per-byte GEMV
+    assert three.name == "gemv_layer" and three.layout is not None and three.layout.hi_offsets
+    hqq_own = select_path(CUDA, F.silu, _as_hqq_3bit_32(_manifests(3)))  # no GEMV reads it: Triton dequantize
+    assert hqq_own.name == "dequant" and hqq_own.expert_fn is dequant_expert_ffn and hqq_own.layout is None
+
+
+def _as_hqq_3bit_32(manifests: dict[ExpertKey, ExpertManifest]) -> dict[ExpertKey, ExpertManifest]:
+    """The manifests as a worker storing hqq's own 3-bit packing would describe them (one int32 W_q)."""
+    def matrix(m: MatrixEntry) -> MatrixEntry:
+        tensors = {t: replace(e, dtype="int32") if t == "W_q" else e for t, e in m.tensors.items() if t != "W_qh"}
+        return replace(m, packing="3bit_32", tensors=tensors)
+
+    return {k: replace(m, matrices={n: matrix(x) for n, x in m.matrices.items()}) for k, m in manifests.items()}
 
 
 def test_everything_else_keeps_hqq() -> None:

@@ -44,7 +44,7 @@ _CHECK = textwrap.dedent("""
             buf, man = pack_expert(ExpertKey(0, e), {k: v.to(dev) for k, v in w.items()}, QuantSpec(bits, 64))
             experts.append((torch.from_numpy(buf).to(dev), man))
         lay = gk.layout_of(experts[0][1])
-        assert lay.fused == (bits != 3)
+        assert lay.fused and (lay.packing == "3bit_planes_u8") == (bits == 3)
         slab = torch.stack([b for b, _ in experts])
         for dt in dtypes:
             dt = getattr(torch, dt)
@@ -79,7 +79,7 @@ def _run_check(device: str, hidden: int, inter: int, dtypes: str, interpret: boo
 
 
 def test_kernels_match_hqq_in_triton_interpreter() -> None:
-    """Same kernels, CPU interpreter: 2/4-bit fused GEMV (direct, slot-indirect, split-K), 3-bit dequantize."""
+    """Same kernels, CPU interpreter: 2/3/4-bit fused GEMV (direct, slot-indirect, split-K), dequantize."""
     pytest.importorskip("triton")
     out = _run_check("cpu", 128, 256, "float32", interpret=True)
     assert "WORST" in out

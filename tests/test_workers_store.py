@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from expert_workers.cache import CacheIndex
 from expert_workers.checkpoint import Checkpoint, CheckpointError
-from expert_workers.format import EXACT, INT2, INT4, ExpertKey, QuantSpec, checksum, dequantize_matrix
+from expert_workers.format import EXACT, INT2, INT3, INT4, ExpertKey, QuantSpec, checksum, dequantize_matrix
 from expert_workers.inprocess import InProcessSource
 from expert_workers.source import ExpertNotFound, make_source
 from expert_workers.store import ExpertStore, ShardSpec, WorkerNotReady
@@ -108,7 +108,7 @@ def test_shards_cover_every_expert_exactly_once(tiny_ckpt: Path) -> None:
             ShardSpec.parse(text)
 
 
-@pytest.mark.parametrize("spec", [INT2, INT4], ids=["int2", "int4"])
+@pytest.mark.parametrize("spec", [INT2, INT3, INT4], ids=["int2", "int3", "int4"])
 def test_quantized_experts_dequantize_bit_identically_to_hqq(tiny_ckpt: Path, tmp_path: Path, spec: QuantSpec) -> None:
     ckpt = Checkpoint(tiny_ckpt)
     stores = [ExpertStore(ckpt, f"{i}/3", spec, cache_dir=tmp_path, progress=False).load() for i in range(3)]
