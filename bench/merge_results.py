@@ -2,7 +2,7 @@
 
     python -m bench.merge_results OUT_STEM TAG=FILE[:[VARIANT_PREFIX][@CAP][#BITS]] ...
 
-The first file gives the environment, bandwidth and kernel numbers. A selector keeps only rows whose variant
+The first file gives the environment and bandwidth; kernel numbers come from the first file that has them. A selector keeps only rows whose variant
 starts with VARIANT_PREFIX (and, with @CAP, whose cap equals CAP; with #BITS, whose expert bits equal BITS).
 """
 
@@ -24,10 +24,10 @@ def merge(out_stem: str, specs: list[str]) -> dict[str, Any]:
         where, _, bits = sel.partition("#")
         prefix, _, cap = where.partition("@")
         data = json.loads(Path(path).read_text())
-        if "env" not in merged:
-            for k in ("env", "bandwidth", "shm_probe", "kernels", "shape", "prompt", "resident_model_bytes"):
-                if k in data:
-                    merged[k] = data[k]
+        first = "env" not in merged
+        for k in ("env", "bandwidth", "shm_probe", "kernels", "kernels3", "shape", "prompt", "resident_model_bytes"):
+            if k in data and (first or k.startswith("kernels")) and k not in merged:
+                merged[k] = data[k]
         merged["sources"].append({"run": tag, "file": Path(path).name, "argv": data.get("env", {}).get("argv"),
                                   "date": data.get("env", {}).get("date"), "selector": sel or "all"})
         for row in data.get("runs", []):
