@@ -508,6 +508,8 @@ def _weights_of(buf: torch.Tensor, manifest: ExpertManifest | PackedLayout, lay:
         return [buf[o[i]:o[i] + s[0] * s[1] * wdt.itemsize].view(wdt).view(s).to(dtype)
                 for i, s in enumerate(shapes)]
     if _triton_ok(buf):
+        from coordinator import planes3  # it builds on this module's Triton helpers
+
         out = []
         for i, s in enumerate(shapes):
             oq, os_, oz = lay.offsets[3 * i:3 * i + 3]
@@ -518,8 +520,6 @@ def _weights_of(buf: torch.Tensor, manifest: ExpertManifest | PackedLayout, lay:
             zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
             w = _workspace(s[0] * s[1], buf.device, dtype, i).view(s)
             if lay.packing == PLANES3:
-                from coordinator import planes3
-
                 hi = buf[lay.hi_offsets[i]:lay.hi_offsets[i] + w_q.numel() // 2]
                 out.append(planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w))
                 continue

@@ -8,8 +8,8 @@ One MoE step (a prefill chunk or one decode token), short on purpose:
     route (given, read to the host once) -> look up the cache -> start fetches for misses -> compute.
 How experts are computed is a ``MoePath`` chosen once per runner (``select_path``):
 - "hqq" (CPU, and whatever the GPU kernels do not read): per expert, as misses land, hqq's dequantize + matmul;
-- "dequant" (CUDA, SiLU, one layout the GEMV kernels do not read: hqq's own "3bit_32", shapes that are not a
-  multiple of 8): per expert, as misses land, a Triton dequantize into a reused workspace + cuBLAS
+- "dequant" (CUDA, SiLU, one layout the GEMV kernels do not read, e.g. hqq's own "3bit_32" from a worker of
+  an older make): per expert, as misses land, a Triton dequantize into a reused workspace + cuBLAS
   (``gpu_kernels.expert_ffn``);
 - "gemv_layer" (CUDA, SiLU, one u8-packed 2/3/4/8-bit layout): the layer's misses land first, then one
   ``gpu_kernels.moe_ffn`` launch pair computes every routed (token, expert) pair straight from the cache

@@ -71,7 +71,8 @@ ALL_BITS = QUANT_BITS + (16,)
 PLANES3 = "3bit_planes_u8"
 """Packing name of 3-bit codes stored as a 2-bit plane (``W_q``) and a 1-bit plane (``W_qh``)."""
 PACKING_REVISION = "3bit-planes"
-"""Changes whenever a packing changes without a manifest schema change: part of the on-disk cache key."""
+"""Names a packing change made without a manifest schema change (3-bit as PLANES3): part of the on-disk cache
+key of the bit widths it affects, so caches written before it are quantized again, not misread."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8, "int32": torch.int32, "float16": torch.float16,
@@ -332,7 +333,9 @@ def dequantize_views(m: MatrixEntry, views: Mapping[str, torch.Tensor]) -> torch
 
 def quant_fingerprint(source_fingerprint: str, spec: QuantSpec) -> str:
     """Fingerprint of (checkpoint, quantization settings, format version): keys the on-disk cache."""
-    key = f"{source_fingerprint}|{sorted(spec.as_dict().items())}|v{FORMAT_VERSION}|{PACKING_REVISION}"
+    key = f"{source_fingerprint}|{sorted(spec.as_dict().items())}|v{FORMAT_VERSION}"
+    if spec.bits == 3:  # only 3-bit packing changed since v1: other caches stay valid
+        key += f"|{PACKING_REVISION}"
     h = hashlib.sha256(key.encode())
     return h.hexdigest()[:16]
 
