@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,38 @@ def smollm2(moe_cache_dir: Path) -> tuple[Path, tuple]:  # type: ignore[type-arg
     return build_smollm2_moe(cache_dir() / "models" / "smollm2-moe", loaded=dense), dense
 
 
+@pytest.fixture(scope="session")
+def exact_workers(tiny_ckpt: Path) -> Iterator[list[ServerProcess]]:
+    """``tiny-random`` over 2 expert worker processes (``--expert-bits 16``, exact mode) on 127.0.0.1, for the
+    modules that drive them and a coordinator in front of them (test_client, test_coordinator): started once per
+    session, as those modules form one group (``SHARED_FIXTURES``)."""
+    servers = spawn_workers(tiny_ckpt, 2, ["--expert-bits", "16", "--no-progress"])
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def exact_coordinator(tiny_ckpt: Path, exact_workers: list[ServerProcess]) -> Iterator[Callable[[], ServerProcess]]:
+    """``running()`` -> a ``python -m coordinator serve`` process in front of ``exact_workers`` (``--attn-bits
+    16``: tokens equal transformers'; one expert slot per layer and prefetch 2, so decode steps fetch; at most 8
+    waiting requests), shared by test_client and test_coordinator. A new one is started when none runs (the
+    last test of test_coordinator stops it with SIGTERM), so any order of the modules works."""
+    started: list[ServerProcess] = []
+
+    def running() -> ServerProcess:
+        if not started or started[-1].proc.poll() is not None:
+            started.append(start_server(["coordinator", "serve", "--model", str(tiny_ckpt), "--port", "0",
+                                         "--device", "cpu", "--workers", ",".join(w.address for w in exact_workers),
+                                         "--attn-bits", "16", "--experts-per-layer", "1", "--prefetch", "2",
+                                         "--max-queue", "8"], env={"OMP_NUM_THREADS": "1"}))
+        return started[-1]
+
+    yield running
+    for server in started:
+        server.stop()
+
+
 @pytest.fixture
 def local_ray(moe_cache_dir: Path) -> Iterator[None]:
     """An in-process local Ray (``ray.init``) on 127.0.0.1 shared by consecutive tests that drive actors
@@ -85,22 +117,35 @@ GROUPS_FILE_ENV = "MOE_TEST_GROUPS_FILE"
 """Where xdist workers write each test's group for the controller's scheduler (``GroupScheduling``)."""
 
 
-LONG_MODULES = ("test_workers_grpc.py", "test_gpu_kernels.py", "test_auth_e2e.py", "test_reliability_failover.py")
-"""Measured on 2 cores, the longest modules outside the ``ray`` and ``smollm2`` groups (~40-70 s each): they are
-handed out first, so the two workers run out of work at about the same time."""
+LONGEST_GROUPS = ("smollm2", "tests/test_deploy.py", "ray", "tests/test_workers_grpc.py",
+                  "tests/test_gpu_kernels.py", "tests/test_reliability_failover.py", "tests/test_auth_e2e.py",
+                  "tests/test_cache.py")
+"""Measured on 2 cores, the longest groups, longest first (``smollm2`` ~3 min with the demo, test_deploy ~3 min,
+``ray`` ~2.5 min, the modules ~45-90 s): they are handed out first, so the two workers run out of work at about
+the same time."""
+
+RAY_DEFAULT_PORTS = ("local_ray", "sshd")
+"""Fixtures whose Ray takes Ray's default ports: ``ray.init`` (local_ray) and `ray up` (test_ray_up's sshd).
+Their tests form the ``ray`` group, one after the other. A ``LocalRay`` (test_deploy's, the demo's) takes free
+ports, so it runs beside them."""
+
+
+SHARED_FIXTURES = ("smollm2", "exact_workers")
+"""Session fixtures that several modules use: those modules form one group named after it, so one xdist worker
+sets it up once (``smollm2``: one build of the model, one dense model in memory)."""
 
 
 def _module_groups(items: list[pytest.Item]) -> dict[str, str]:
-    """Test module path -> its group: ``smollm2`` if a test uses the ``smollm2`` fixture (one build of the model,
-    one dense model in memory); else ``ray`` if a test is ``slow`` (it brings up Ray: those run one after the
-    other, as ray.init (local_ray) and `ray up` use Ray's default ports (a LocalRay, like the demo's, takes free
-    ones), and local_ray's users share it); else the module itself (its fixtures are set up once)."""
+    """Test module path -> its group: the ``SHARED_FIXTURES`` one if a test uses it; else ``ray`` if a test uses
+    a ``RAY_DEFAULT_PORTS`` fixture (those run one after the other, and local_ray's users share one cluster);
+    else the module itself (its fixtures are set up once)."""
     groups: dict[str, str] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
-        if "smollm2" in getattr(item, "fixturenames", ()):
-            groups[module] = "smollm2"
-        elif item.get_closest_marker("slow") and groups.get(module) != "smollm2":
+        fixtures = getattr(item, "fixturenames", ())
+        if shared := next((f for f in SHARED_FIXTURES if f in fixtures), None):
+            groups[module] = shared
+        elif any(f in fixtures for f in RAY_DEFAULT_PORTS) and groups.get(module) not in SHARED_FIXTURES:
             groups[module] = "ray"
         else:
             groups.setdefault(module, module)
@@ -109,13 +154,12 @@ def _module_groups(items: list[pytest.Item]) -> dict[str, str]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Orders the tests by group: ``ray``, ``smollm2``, the ``LONG_MODULES``, then the other modules (under
-    ``-n 2`` the long groups start first); ``local_ray``'s users back to back at the end of ``ray`` (one
-    cluster for all of them, never beside another Ray test). An xdist worker also records the groups for the
-    scheduler."""
+    """Orders the tests by group: the ``LONGEST_GROUPS``, then the other modules (under ``-n 2`` the long groups
+    start first); ``local_ray``'s users back to back at the end of ``ray`` (one cluster for all of them, never
+    beside another Ray test on default ports). An xdist worker also records the groups for the scheduler."""
     groups = _module_groups(items)
     group_of = {item.nodeid: groups[item.nodeid.split("::")[0]] for item in items}
-    order = {"ray": 0, "smollm2": 1, **{f"tests/{m}": 2 + i for i, m in enumerate(LONG_MODULES)}}
+    order = {group: i for i, group in enumerate(LONGEST_GROUPS)}
     items.sort(key=lambda item: (order.get(group_of[item.nodeid], len(order)), _uses_local_ray(item)))  # stable
     groups_file = os.environ.get(GROUPS_FILE_ENV)
     if groups_file and hasattr(config, "workerinput"):

@@ -8,31 +8,23 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from client import (STATS_KEYS, Client, ClientError, DeadlineExceededError, GenerateResult, InvalidArgumentError,
                     StreamChunk, UnavailableError)
-from conftest import REPO, ServerProcess, spawn_workers, start_server
+from conftest import REPO, ServerProcess
 from coordinator.reference import greedy, reference_model
 
 PROMPT_IDS = [5, 9, 33, 70, 100]
 
 
 @pytest.fixture(scope="module")
-def coordinator(tiny_ckpt: Path) -> Iterator[ServerProcess]:
-    workers = spawn_workers(tiny_ckpt, 2, ["--expert-bits", "16", "--no-progress"])
-    try:
-        server = start_server(["coordinator", "serve", "--model", str(tiny_ckpt), "--port", "0", "--device", "cpu",
-                               "--workers", ",".join(w.address for w in workers), "--attn-bits", "16",
-                               "--experts-per-layer", "2"], env={"OMP_NUM_THREADS": "1"})
-        yield server
-        server.stop()
-    finally:
-        for w in workers:
-            w.stop()
+def coordinator(exact_coordinator: Callable[[], ServerProcess]) -> ServerProcess:
+    """The session's coordinator process and its 2 worker processes (conftest), shared with test_coordinator."""
+    return exact_coordinator()
 
 
 @pytest.fixture(scope="module")

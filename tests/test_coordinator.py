@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import protos
-from conftest import ServerProcess, spawn_workers, start_server
+from conftest import ServerProcess
 from coordinator import Coordinator, CoordinatorConfig, GenerateParams
 from coordinator.discovery import connect
 from coordinator.reference import greedy, reference_model
@@ -38,21 +38,16 @@ def one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def workers(tiny_ckpt: Path) -> Iterator[list[ServerProcess]]:
-    servers = spawn_workers(tiny_ckpt, 2, ["--expert-bits", "16", "--no-progress"])
-    yield servers
-    for s in servers:
-        s.stop()
+def workers(exact_workers: list[ServerProcess]) -> list[ServerProcess]:
+    """The session's 2 exact worker processes (conftest), which test_client's coordinator also reads."""
+    return exact_workers
 
 
 @pytest.fixture(scope="module")
-def coordinator(tiny_ckpt: Path, workers: list[ServerProcess]) -> Iterator[ServerProcess]:
-    server = start_server(["coordinator", "serve", "--model", str(tiny_ckpt), "--port", "0", "--device", "cpu",
-                           "--workers", ",".join(w.address for w in workers), "--attn-bits", "16",
-                           "--experts-per-layer", "1", "--prefetch", "2", "--max-queue", "8"],
-                          env={"OMP_NUM_THREADS": "1"})
-    yield server
-    server.stop()
+def coordinator(exact_coordinator: Callable[[], ServerProcess]) -> ServerProcess:
+    """The session's coordinator process in front of ``workers`` (conftest: ``--experts-per-layer 1 --prefetch 2
+    --max-queue 8``), which test_client also drives."""
+    return exact_coordinator()
 
 
 @pytest.fixture(scope="module")

@@ -152,9 +152,11 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]
     (home / ".ssh").mkdir(mode=0o700, exist_ok=True)
     (home / ".ssh" / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
     ports = {"ssh": free_port(), "ray": free_port(), "dashboard": free_port(), "coordinator": free_port()}
-    # The YAML's knobs, read by the SSH shell Ray uses (it sources ~/.bashrc before every command).
+    # The YAML's knobs, read by the SSH shell Ray uses (it sources ~/.bashrc before every command). One expert
+    # worker, not the default 2: each is an actor process that imports torch on CI's 2 cores, and sharding is
+    # test_deploy's subject; a non-default value also shows the knob reaches `deploy up`.
     (home / ".bashrc").write_text(
-        f"export RAY_TMPDIR=$HOME/raytmp MOE_MODEL=tiny-random MOE_WORKERS=2 MOE_EXPERT_BITS=16\n"
+        f"export RAY_TMPDIR=$HOME/raytmp MOE_MODEL=tiny-random MOE_WORKERS=1 MOE_EXPERT_BITS=16\n"
         f"export MOE_RAY_PORT={ports['ray']} MOE_DASHBOARD_PORT={ports['dashboard']} "
         f"MOE_PORT={ports['coordinator']} MOE_EXPERT_SLOTS=2\nmkdir -p $RAY_TMPDIR\n")
     _run(["chown", "-R", f"{USER}:{USER}", str(home)])
@@ -194,6 +196,7 @@ def test_ray_up_serves_a_prompt_and_ray_down_stops_everything(sshd: dict, tiny_c
                              cwd=REPO, env=env)
         assert code == 0, f"ray up failed ({code}):\n{up[-8000:]}"
         assert f"coordinator: 127.0.0.1:{ports['coordinator']}" in up
+        assert "starting 1 x 1 expert workers (16-bit)" in up  # the knobs reached `deploy up`
         with Client(f"127.0.0.1:{ports['coordinator']}", timeout_s=120) as c:
             assert c.health() == "SERVING"
             r = c.generate(prompt_token_ids=PROMPT_IDS, max_new_tokens=8)

@@ -278,24 +278,30 @@ def test_sigterm_unlinks_shared_memory_and_exits_cleanly(tiny_ckpt: Path) -> Non
         assert view.sum().item() > 0  # our mapping outlives the worker's unlink
 
 
+def _serve_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "expert_workers", "serve", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_mismatched_workers_and_bad_cli_arguments(tiny_ckpt: Path, tiny_workers: list[ServerProcess],
                                                   tmp_path: Path) -> None:
-    exact = spawn_workers(tiny_ckpt, 1, ["--expert-bits", "16", "--no-progress"])
-    try:
-        with pytest.raises(ValueError, match="expert workers disagree.*at 2 bits g64.*at 16 bits"):
-            RemoteSource([tiny_workers[0].address, exact[0].address])
-    finally:
-        stop_all(exact)
-    with pytest.raises(ExpertUnavailable, match="did not answer GetInfo"):
-        RemoteSource(["127.0.0.1:1"], connect_timeout_s=0.5)
     not_mixtral = tmp_path / "llama"
     not_mixtral.mkdir()
     (not_mixtral / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    for bad, message in ([["--shard", "3/3"], "shard 3/3 is invalid"],
-                         [["--group-size", "12"], "group size must be a positive multiple of 8"],
-                         [["--model", str(not_mixtral)], "model_type is 'llama'"]):
-        args = ["--model", str(tiny_ckpt), "--port", "0", *bad]
-        r = subprocess.run([sys.executable, "-m", "expert_workers", "serve", *args], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and message in r.stderr, r.stderr
+    cases = ([["--shard", "3/3"], "shard 3/3 is invalid"],
+             [["--group-size", "12"], "group size must be a positive multiple of 8"],
+             [["--model", str(not_mixtral)], "model_type is 'llama'"])
+    # The bad command lines run meanwhile: each spends seconds importing before it can refuse its arguments.
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        refused = pool.map(_serve_cli, [["--model", str(tiny_ckpt), "--port", "0", *bad] for bad, _ in cases])
+        exact = spawn_workers(tiny_ckpt, 1, ["--expert-bits", "16", "--no-progress"])
+        try:
+            with pytest.raises(ValueError, match="expert workers disagree.*at 2 bits g64.*at 16 bits"):
+                RemoteSource([tiny_workers[0].address, exact[0].address])
+        finally:
+            stop_all(exact)
+        with pytest.raises(ExpertUnavailable, match="did not answer GetInfo"):
+            RemoteSource(["127.0.0.1:1"], connect_timeout_s=0.5)
+        for (_, message), r in zip(cases, refused):
+            assert r.returncode == 2 and message in r.stderr, r.stderr
     shutil.rmtree(not_mixtral)
