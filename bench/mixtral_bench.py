@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="expert worker processes for (d)/(e)")
     ap.add_argument("--grpc-tokens", type=int, default=24, help="tokens for (e) (each miss ~0.1 s over gRPC)")
     ap.add_argument("--sys-prefetch", default="2",
-                    help="coordinator prefetch for (d), comma-separated P or P:A (A = --prefetch-ahead): the first "
-                         "is (d), the others extra rows")
+                    help="coordinator prefetch for (d), comma-separated P or P:A (A = --prefetch-ahead), each with "
+                         "optional letters n (--no-speculate), p (--no-pipeline), f (--repartition-every 0): the "
+                         "first is (d), the others extra rows")
     ap.add_argument("--offloading-eager", action=argparse.BooleanOptionalAction, default=True,
                     help="(c) mixtral-offloading style: transformers' eager forward + LRU + pinned, in-process")
     ap.add_argument("--bits2", action=argparse.BooleanOptionalAction, default=True,
@@ -268,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="cProfile the coordinator's decode step in-process (diagnosis)")
     ap.add_argument("--profile-tokens", type=int, default=24,
                     help="--profile-coordinator: tokens per phase (half warm-up, half timed; as many under cProfile)")
+    ap.add_argument("--timeline", action=argparse.BooleanOptionalAction, default=False,
+                    help="each (d) cap and --sys-prefetch setting once in-process under torch.profiler: where the "
+                         "device time goes (compute, copies, both, idle); chrome traces into --out")
+    ap.add_argument("--timeline-tokens", type=int, default=24, help="--timeline: tokens per profiled request")
     ap.add_argument("--work", default="/tmp/moe-bench", help="scratch dir: checkpoint, worker caches, logs")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")

@@ -100,10 +100,23 @@ def _lines(results: dict[str, Any]) -> tuple[list[str], list[list[str]], list[st
     return head, body, rhead, rbody
 
 
+def _timelines(results: dict[str, Any]) -> list[str]:
+    """Markdown rows of the --timeline diagnoses (bench.timeline): ms per token of each part."""
+    keys = ("wall_ms", "compute_ms", "copy_ms", "both_ms", "compute_only_ms", "copy_only_ms", "idle_ms",
+            "copies_per_token", "copy_gb_s")
+    rows = [r for r in results.get("runs", []) if r.get("timeline")]
+    if not rows:
+        return []
+    out = ["| timeline | bits | cap GB | warm tok/s | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 4)]
+    out += [f"| {r['variant']} | {r['bits']} | {_f(r['cap_gb'], '.0f')} | {_f(r.get('warm_tokens_per_s'))} | "
+            + " | ".join(_f(r["timeline"].get(k)) for k in keys) + " |" for r in rows]
+    return out
+
+
 def table(results: dict[str, Any]) -> str:
-    """Plain-text tables: every run, then the ratios last."""
+    """Plain-text tables: every run, then the ratios last (the timelines, when there are any, before them)."""
     head, body, rhead, rbody = _lines(results)
-    out = []
+    out = _timelines(results)
     k = results.get("kernels", {}).get("ms")
     if k:
         out.append("kernel ms (one expert, batch 1): " + ", ".join(f"{n}={v:.4f}" for n, v in k.items()))
@@ -134,6 +147,9 @@ def markdown(results: dict[str, Any]) -> str:
           "forward, per-layer LRU, misses copied from pinned memory, no prefetch, no graphs) on our coordinator in "
           "process; (c') `c_lru_pinned` is the same LRU inside our graphed loop, an ablation of (d). (d)/(e) rows are the real coordinator process (sampling at "
           "temperature 1), `d_inloop_*` rows our decode loop fed by the real worker processes.", ""]
+    tl = _timelines(results)
+    if tl:
+        md += ["## Where the device time goes (ms per token, --timeline)", "", *tl, ""]
     for h, b in ((head, body), (rhead, rbody)):
         md += ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
         md += ["| " + " | ".join(row) + " |" for row in b]

@@ -199,6 +199,8 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                 import traceback
                 traceback.print_exc()
                 log(f"coordinator profile failed: {e}")
+        if getattr(args, "timeline", False):
+            timelines(ckpt, addrs, caps, prompt, args, log, rows, spec.bits)
         if inloop is not None and args.system_runs in ("all", "inloop"):
             inloop(addrs)
         if args.offloading_eager and args.system_runs == "all":
@@ -267,18 +269,21 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
 
 def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
     """``--sys-prefetch`` items, "P", "P:A" (prefetch P experts per guess, guesses A layers ahead), each with
-    optional trailing letters "n" (no speculative segments: ``--no-speculate``) and "p" (no pipelined
-    tokens: ``--no-pipeline``), as (row name suffix, coordinator flags); the first item is (d) itself."""
+    optional trailing letters "n" (no speculative segments: ``--no-speculate``), "p" (no pipelined tokens:
+    ``--no-pipeline``) and "f" (slots fixed, evenly spread: ``--repartition-every 0``), as (row name suffix,
+    coordinator flags); the first item is (d) itself."""
     out = []
     for item in str(spec).split(","):
-        core = item.rstrip("np")
-        nospec, nopipe = "n" in item[len(core):], "p" in item[len(core):]
+        core = item.rstrip("npf")
+        letters = item[len(core):]
+        nospec, nopipe, fixed = "n" in letters, "p" in letters, "f" in letters
         p, _, a = core.partition(":")
         ahead = int(a or 1)
         name = (f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else "")
-                + ("_nopipe" if nopipe else ""))
+                + ("_nopipe" if nopipe else "") + ("_fixedslots" if fixed else ""))
         flags = ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]
-        out.append((name, flags + ["--no-speculate"] * nospec + ["--no-pipeline"] * nopipe))
+        out.append((name, flags + ["--no-speculate"] * nospec + ["--no-pipeline"] * nopipe
+                    + ["--repartition-every", "0"] * fixed))
     return out
 
 
@@ -287,7 +292,8 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
                      expert_bytes: int, bits: int = 2) -> None:
     """(c) as mixtral-offloading builds it: transformers' own eager forward (one launch per op, no CUDA graphs),
     a per-layer LRU of k experts, a miss copied on demand from pinned host memory, no prefetch. It runs in this
-    process on our Coordinator (``decode="transformers"``, prefetch 0, same cap and so the same k as (d)); the
+    process on our Coordinator (``decode="transformers"``, prefetch 0, same cap and so the same slots as (d),
+    kept evenly spread: ``repartition_every=0``, as mixtral-offloading gives every layer the same k); the
     experts are read from the workers' shared memory, registered with cudaHostRegister, i.e. pinned memory.
     Inputs are teacher-forced from the same random stream as (a)-(c)."""
     from coordinator.config import CoordinatorConfig
@@ -304,7 +310,8 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
         torch.cuda.synchronize()
     base = torch.cuda.memory_allocated() if cuda else 0
     co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda" if cuda else "cpu", gpu_memory_gb=cap * 1e9 / 2**30,
-                                                  max_seq_len=512, prefetch=0, fetch_workers=8, decode="transformers"))
+                                                  max_seq_len=512, prefetch=0, fetch_workers=8, decode="transformers",
+                                                  repartition_every=0))
     gen = torch.Generator().manual_seed(4321)
     stream = torch.randint(0, co.vocab_size, (args.warmup + n,), generator=gen).tolist()
     try:
@@ -398,6 +405,28 @@ def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], a
     rows.append({"variant": "profile_coordinator_step", "bits": 2, "cap_gb": cap, "profile": text,
                  "skipped": "diagnosis only: ms/token " + ", ".join(f"{k if k == 'run' else f'prefetch {k}'}: {v:.1f}"
                                                                     for k, v in plain.items())})
+
+
+def timelines(ckpt: Path, addrs: str, caps: list[float], prompt: list[int], args: Any,
+              log: Callable[[str], None], rows: list[dict[str, Any]], bits: int) -> None:
+    """``--timeline``: each cap and ``--sys-prefetch`` setting once under torch.profiler (``bench.timeline``),
+    stored as rows the report prints apart."""
+    from bench import timeline
+
+    for cap in caps:
+        for suffix, flags in prefetch_settings(args.sys_prefetch):
+            name = "timeline" + suffix
+            try:
+                found = timeline.profile_decode(ckpt, addrs, cap, flags, prompt, args.timeline_tokens,
+                                                Path(args.out), log, "cuda" if args.device.startswith("cuda") else "cpu",
+                                                bits)
+            except Exception as e:  # noqa: BLE001 - a diagnosis, not a run
+                import traceback
+                traceback.print_exc()
+                found = {"error": f"{type(e).__name__}: {e}"[:300]}
+            rows.append({"variant": name, "bits": bits, "cap_gb": cap, "skipped": "diagnosis: timeline", **found})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _timed_steps(co: Any, kv: Any, tokens: list[int]) -> float:

@@ -2,9 +2,10 @@
 
 All slots live in one device ``arena`` of shape ``[buffers, slot_bytes]`` (uint8): row ``b`` is one contiguous
 buffer big enough for the largest packed expert, so loading an expert is one copy and computing reads
-zero-copy views of the row. Buffers are fungible: each layer owns a fixed number of them (its LRU entries
-plus free ones; ``k`` or ``k + 1`` when the memory budget is spread over the layers) and the spare pool owns
-the rest. A prefetch fills a spare and evicts nothing; when the
+zero-copy views of the row. Buffers are fungible: each layer owns a number of them (its LRU entries plus
+free ones; ``k`` or ``k + 1`` when the memory budget is spread over the layers, then as
+``coordinator.partition`` plans from the traffic, moved by ``repartition`` between steps) and the spare pool
+owns the rest. A prefetch fills a spare and evicts nothing; when the
 prefetched expert is used, its buffer joins the layer's LRU and the layer hands its least recently used
 buffer back to the spare pool (a swap of ownership, not a copy).
 
@@ -59,6 +60,8 @@ class CacheCounters:
     """Prefetched experts later used while still in their spare buffer (counted as hits too)."""
     prefetch_ahead_skipped: int = 0
     """Guesses two layers ahead not prefetched because the copy engine was busy; counted by the caller."""
+    slots_moved: int = 0
+    """Buffers ``ExpertCache.repartition`` moved from one layer to another."""
 
     @property
     def hits(self) -> int:
@@ -72,7 +75,8 @@ class CacheCounters:
         out: dict[str, float] = {"expert_uses": self.hits + self.misses, "cache_hits": self.hits,
                                  "cache_misses": self.misses, "prefetch_issued": self.prefetch_issued,
                                  "prefetch_used": self.prefetch_used,
-                                 "prefetch_ahead_skipped": self.prefetch_ahead_skipped}
+                                 "prefetch_ahead_skipped": self.prefetch_ahead_skipped,
+                                 "cache_slots_moved": self.slots_moved}
         for i, c in enumerate(self.layers):
             out[f"layer{i}_hits"] = c.hits
             out[f"layer{i}_misses"] = c.misses
@@ -189,6 +193,34 @@ class ExpertCache:
         self._lru[layer][expert] = spare
         self.manifests.pop(given, None)
         self._spare_free.append(given)
+
+    def repartition(self, targets: Sequence[int]) -> int:
+        """Moves buffers so that layer l owns ``targets[l]`` (same total; ``coordinator.partition`` plans
+        them). A shrinking layer gives its free buffers first, then its least recently used experts, which
+        are evicted; prefetch spares are not touched. Between two steps only: nothing may be loading into a
+        layer's buffers. A row still read by queued kernels is safe: its next copy waits for them
+        (``Transfers``). Returns how many buffers moved."""
+        if len(targets) != self.num_layers or sum(targets) != sum(self.layer_slots) or min(targets) < 1:
+            raise ValueError(f"targets {list(targets)} must give {self.num_layers} layers >= 1 slot each, "
+                             f"{sum(self.layer_slots)} in all")
+        given: list[int] = []
+        for layer, want in enumerate(targets):
+            while self.layer_slots[layer] > want:
+                if self._free[layer]:
+                    given.append(self._free[layer].pop())
+                else:
+                    _, buf = self._lru[layer].popitem(last=False)
+                    self.manifests.pop(buf, None)
+                    given.append(buf)
+                self.layer_slots[layer] -= 1
+        moved = len(given)
+        for layer, want in enumerate(targets):
+            while self.layer_slots[layer] < want:
+                self._free[layer].append(given.pop())
+                self.layer_slots[layer] += 1
+        self.slots_per_layer = min(self.layer_slots)
+        self.counters.slots_moved += moved
+        return moved
 
     # -- prefetch spares -----------------------------------------------------------------------------
     def reserve_spare(self, key: ExpertKey, manifest: ExpertManifest,

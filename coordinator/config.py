@@ -33,6 +33,10 @@ class CoordinatorConfig:
     """Layers guessed ahead by the static/graph decoder: 1, or 2 to also prefetch layer l+2's likely experts
     (found less often, but twice as early: ``bench/prefetch_reach``) whenever the copy engine is idle. Spare
     buffers: prefetch x this."""
+    repartition_every: int = 32
+    """Steps between two plans of how many cache slots each layer gets, from the decode traffic each layer saw
+    (``coordinator.partition``): layers that route alike keep few slots, those that spread get more. Applies
+    when the memory budget sizes the cache; 0 keeps the even spread, as does ``experts_per_layer``."""
     attn_bits: int = 4
     """hqq bits for attention q/k/v/o: 4, 8 or 16 (as in the checkpoint)."""
     attn_group_size: int = 64
@@ -76,6 +80,8 @@ class CoordinatorConfig:
             raise ValueError(f"attn_bits must be 4, 8 or 16, got {self.attn_bits}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        if self.repartition_every < 0:
+            raise ValueError(f"repartition_every must be >= 0, got {self.repartition_every}")
         if self.max_queue < 0 or self.fetch_workers < 1:
             raise ValueError("max_queue must be >= 0 and fetch_workers >= 1")
 

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
 from coordinator.cache import ExpertCache, describe_slots, spread_slots
+from coordinator.partition import SlotPlanner
 from coordinator.config import GIB, CoordinatorConfig
 from coordinator.decode import StaticDecoder, graphs_apply, table_applies
 from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, RequestOutput,
@@ -117,7 +118,8 @@ class Coordinator:
         if n := self.transfers.warm_zero_copy(sorted(manifests, key=lambda k: (k.layer, k.expert))):
             log.info("%d experts readable from co-located shared memory (mapped, checksummed, pinned in %.1f s)",
                      n, time.monotonic() - t0)
-        self.runner = ExpertRunner(self.model, self.cache, self.transfers, manifests, config.prefetch)
+        self.runner = ExpertRunner(self.model, self.cache, self.transfers, manifests, config.prefetch,
+                                   self._planner(), config.repartition_every)
         self.decoder = self._make_decoder()
         self._decoding: weakref.ref[DynamicCache] | None = None  # the request whose K/V the decoder holds
         self.tokenizer = load_tokenizer(self.ckpt)
@@ -174,6 +176,17 @@ class Coordinator:
             raise ValueError(f"a {budget / GIB:.3f} GiB budget leaves no room for one expert per layer; "
                              f"need at least {need:.3f} GiB")
         return spread_slots(min(total, layers * experts), layers)
+
+    def _planner(self) -> SlotPlanner | None:
+        """The slot planner when the budget sized the cache and some layer cannot hold every expert
+        (``experts_per_layer`` fixes k in every layer). Its floor keeps a token's experts in every layer, so
+        the decode path chosen for these slots stays valid."""
+        mc = self.model.config
+        slots = self.cache.layer_slots
+        if self.config.experts_per_layer is not None or min(slots) >= mc.num_local_experts:
+            return None
+        return SlotPlanner(mc.num_hidden_layers, mc.num_local_experts,
+                           floor=min(mc.num_experts_per_tok, min(slots)))
 
     # -- requests ------------------------------------------------------------------------------------
     def prepare(self, params: GenerateParams) -> list[int]:
@@ -356,6 +369,7 @@ class Coordinator:
                "requests_cancelled": t["requests_cancelled"],
                "cancelled_generated_tokens": t["cancelled_generated_tokens"], "kv_caches_live": len(self._live_kv),
                "slots_per_layer": self.slots_per_layer, "cache_slots": sum(self.cache.layer_slots),
+               **{f"layer{i}_slots": n for i, n in enumerate(self.cache.layer_slots)},
                "cache_bytes": self.cache.nbytes,
                "non_expert_bytes": self.shell_bytes}
         if self.decoder is not None:  # segments queued before their layer's routing was read, and redone

@@ -33,6 +33,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from coordinator import gpu_kernels as gk
 from coordinator.cache import ExpertCache
+from coordinator.partition import SlotPlanner
 from coordinator.transfer import Load, Transfers
 from expert_workers.format import ExpertKey, ExpertManifest, dequantize_views
 
@@ -141,12 +142,17 @@ class ExpertRunner:
     """Computes MoE blocks from the ExpertCache, fetching misses and prefetching the next layer's experts."""
 
     def __init__(self, model: nn.Module, cache: ExpertCache, transfers: Transfers,
-                 manifests: Mapping[ExpertKey, ExpertManifest], prefetch: int) -> None:
+                 manifests: Mapping[ExpertKey, ExpertManifest], prefetch: int,
+                 planner: SlotPlanner | None = None, repartition_every: int = 0) -> None:
         self.layers = model.model.layers
         self.cache = cache
         self.transfers = transfers
         self.manifests = manifests
         self.prefetch = prefetch
+        self.planner = planner if repartition_every > 0 else None
+        """Counts decode traffic per layer and plans the slots (``coordinator.partition``); None: fixed."""
+        self.repartition_every = repartition_every
+        self._steps = 0  # forward passes begun (begin_step), for the partition's period
         self.recall = RecallCounters()
         self._act = self.layers[0].mlp.experts.act_fn
         self.path = select_path(cache.arena.device, self._act, manifests)
@@ -175,8 +181,18 @@ class ExpertRunner:
         return self.run_layer(layer, x, top_k_index, top_k_weights)
 
     def begin_step(self) -> None:
-        """A new forward pass starts: guesses left over from a failed step must not be scored."""
+        """A new forward pass starts: guesses left over from a failed step must not be scored; every
+        ``repartition_every`` passes the slots are planned again."""
         self._predicted.clear()
+        self._steps += 1
+        if self.planner is not None and self._steps % self.repartition_every == 0:
+            self.repartition()
+
+    def repartition(self) -> int:
+        """Gives each layer the slots the planner's counts ask for (between steps: no load is in flight into a
+        layer's buffers then). Returns how many buffers changed layer."""
+        assert self.planner is not None
+        return self.cache.repartition(self.planner.plan(sum(self.cache.layer_slots)))
 
     def run_layer(self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -428,6 +444,9 @@ class ExpertRunner:
             pass
 
     def _count_recall(self, layer: int, used: list[int], decode: bool) -> None:
+        """Scores the guess for the layer and shows the planner its decode traffic."""
+        if decode and self.planner is not None:
+            self.planner.observe(layer, used)
         ranked = self._predicted.pop(layer, None)
         if ranked is None or not decode:
             return

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--prefetch", type=int, default=2, help="next-layer experts to prefetch, 0 = off [2]")
     up.add_argument("--prefetch-ahead", type=int, choices=(1, 2), default=1,
                     help="layers the coordinator's decoder guesses ahead [1]")
+    up.add_argument("--repartition-every", type=int, default=32, metavar="STEPS",
+                    help="coordinator: steps between two plans of each layer's cache slots, 0 = evenly spread [32]")
     up.add_argument("--decode", choices=DECODE_MODES, default="auto",
                     help="coordinator single-token steps: graphs, static, transformers, or auto [auto]")
     up.add_argument("--no-speculate", action="store_true",
@@ -111,7 +113,7 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
                       attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
                       gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
-                      decode=args.decode, speculate=not args.no_speculate, pipeline=not args.no_pipeline,
+                      repartition_every=args.repartition_every, decode=args.decode, speculate=not args.no_speculate, pipeline=not args.no_pipeline,
                       namespace=args.namespace,
                       expert_host=args.expert_host, auth_token_file=_absolute(args.auth_token_file),
                       tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),

@@ -52,6 +52,9 @@ class DeploySpec:
     """Next-layer experts the coordinator prefetches (0 = off)."""
     prefetch_ahead: int = 1
     """Layers the coordinator's decoder guesses ahead (1 or 2; ``CoordinatorConfig.prefetch_ahead``)."""
+    repartition_every: int = 32
+    """Steps between two plans of each layer's cache slots (0: evenly spread;
+    ``CoordinatorConfig.repartition_every``)."""
     decode: str = "auto"
     """How the coordinator runs single-token steps (``CoordinatorConfig.decode``)."""
     speculate: bool = True
@@ -88,9 +91,9 @@ class DeploySpec:
             raise ValueError(f"expert bits must be one of {EXPERT_BITS}, got {self.expert_bits}")
         if self.attn_bits not in ATTN_BITS:
             raise ValueError(f"attention bits must be one of {ATTN_BITS}, got {self.attn_bits}")
-        if self.prefetch < 0 or self.prefetch_ahead not in (1, 2):
-            raise ValueError(f"prefetch must be >= 0 and prefetch_ahead 1 or 2, got {self.prefetch}, "
-                             f"{self.prefetch_ahead}")
+        if self.prefetch < 0 or self.prefetch_ahead not in (1, 2) or self.repartition_every < 0:
+            raise ValueError(f"prefetch and repartition_every must be >= 0 and prefetch_ahead 1 or 2, got "
+                             f"{self.prefetch}, {self.repartition_every}, {self.prefetch_ahead}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if not 0 <= self.port < 65536:
@@ -147,7 +150,7 @@ class DeploySpec:
                 "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
                 "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
-                "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
+                "--repartition-every", str(self.repartition_every), "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
         args += [] if self.pipeline else ["--no-pipeline"]
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]

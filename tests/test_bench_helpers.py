@@ -14,13 +14,14 @@ from coordinator.__main__ import parse_args
 def test_sys_prefetch_items_become_coordinator_flags() -> None:
     """Each (d) row's flags parse as the coordinator's own: prefetch, the layers guessed ahead, speculation,
     pipelining."""
-    settings = prefetch_settings("2,2n,0,2:2,2p,1np")
+    settings = prefetch_settings("2,2n,0,2:2,2p,1np,2f")
     assert [name for name, _ in settings] == ["_prefetch2", "_prefetch2_nospec", "_prefetch0", "_prefetch2_ahead2",
-                                              "_prefetch2_nopipe", "_prefetch1_nospec_nopipe"]
+                                              "_prefetch2_nopipe", "_prefetch1_nospec_nopipe",
+                                              "_prefetch2_fixedslots"]
     parsed = [parse_args(["serve", "--model", "m", "--workers", "127.0.0.1:1", *flags]) for _, flags in settings]
-    assert [(a.prefetch, a.prefetch_ahead, a.no_speculate, a.no_pipeline) for a in parsed] == [
-        (2, 1, False, False), (2, 1, True, False), (0, 1, False, False), (2, 2, False, False),
-        (2, 1, False, True), (1, 1, True, True)]
+    assert [(a.prefetch, a.prefetch_ahead, a.no_speculate, a.no_pipeline, a.repartition_every) for a in parsed] == [
+        (2, 1, False, False, 32), (2, 1, True, False, 32), (0, 1, False, False, 32), (2, 2, False, False, 32),
+        (2, 1, False, True, 32), (1, 1, True, True, 32), (2, 1, False, False, 0)]
 
 
 def _row(variant: str, ms: float, cap: float | None = None, hit: float = 1.0, mb: float = 0.0) -> dict[str, Any]:
@@ -64,3 +65,29 @@ def test_merge_selects_rows_by_variant_cap_and_bits(tmp_path: Any) -> None:
                     ("y", "a_resident", 3, None), ("y", "d_workers_shm_zero_copy", 3, 12.0),
                     ("y", "d_workers_shm_zero_copy", 3, 8.0), ("z", "d_workers_shm_zero_copy", 3, 12.0)]
     assert merged["env"]["date"] == "x" and (tmp_path / "m.md").is_file()
+
+
+def test_timeline_splits_the_window_into_compute_copy_and_idle() -> None:
+    """Two tokens: kernels 0-4 and 10-12 µs·1e3, expert copies 3-8 (and a small table copy that is not one)."""
+    from bench.timeline import breakdown, device_trace
+
+    ms = 1000.0
+    ev = [{"ph": "X", "cat": "kernel", "name": "k", "ts": 0.0, "dur": 4 * ms},
+          {"ph": "X", "cat": "kernel", "name": "k", "ts": 1 * ms, "dur": 1 * ms},   # overlaps the first
+          {"ph": "X", "cat": "kernel", "name": "k", "ts": 10 * ms, "dur": 2 * ms},
+          {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 3 * ms, "dur": 5 * ms,
+           "args": {"bytes": 50_000_000}},
+          {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 9 * ms, "dur": 0.1,
+           "args": {"bytes": 64}},
+          {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 8 * ms, "dur": 0.5 * ms,
+           "args": {"bytes": 50_000_000}},
+          {"ph": "i", "cat": "cpu_op", "name": "marker", "ts": 0.0}]
+    parts = breakdown(device_trace({"traceEvents": ev}), tokens=2)
+    assert parts["wall_ms"] == 6.0            # 0..12 over 2 tokens
+    assert parts["compute_ms"] == 3.0         # 4 + 2
+    assert parts["copy_ms"] == 2.5            # one expert copy of 5
+    assert parts["both_ms"] == 0.5            # 3..4
+    assert parts["compute_only_ms"] == 2.5 and parts["copy_only_ms"] == 2.0
+    assert parts["idle_ms"] == 1.0            # 8..10
+    assert parts["copies_per_token"] == 0.5
+    assert abs(parts["copy_gb_s"] - 10.0) < 1e-9  # 50 MB in 5 ms

@@ -119,7 +119,7 @@ def test_memory_budget_spreads_odd_slots_exactly(tiny_ckpt: Path, tiny_exact: Ex
     totals = []
     for extra in (0, 1, layers + 1):  # the fixed costs are unknown here; each extra slot's worth buys one
         budget = (base + 4_000_000 + (layers + 2 + extra) * slot) / 2**30
-        cfg = CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget, prefetch=2, decode=decode)
+        cfg = CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget, prefetch=2, decode=decode, repartition_every=0)
         if extra < layers:
             engine = Coordinator(tiny_ckpt, tiny_exact, cfg)
             totals.append(engine.stats()["cache_slots"])
@@ -130,6 +130,24 @@ def test_memory_budget_spreads_odd_slots_exactly(tiny_ckpt: Path, tiny_exact: Ex
         assert stats["cache_slots"] == totals[0] + extra and stats["cache_slots"] % layers != 0
         k = stats["slots_per_layer"]
         assert k * layers < stats["cache_slots"] < (k + 1) * layers and stats["cache_misses"] > 0
+
+
+@pytest.mark.parametrize("decode", ["static", "transformers"])
+def test_slots_planned_from_traffic_stay_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, decode: str) -> None:
+    """A budget-sized cache re-planned every 3 steps (coordinator.partition): buffers move between layers
+    mid-request (evicting what the shrinking layers held, rows the static decoder's table still names), the
+    total and every layer's floor of top-k slots hold, and the tokens stay transformers'."""
+    probe = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, experts_per_layer=1))
+    base, slot, mc = probe.stats()["non_expert_bytes"], probe.cache.slot_bytes, probe.model.config
+    probe.close()
+    budget = (base + 4_000_000 + (4 * mc.num_hidden_layers + 2) * slot) / 2**30  # ~4 of 8 experts per layer
+    cfg = CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget, prefetch=2, decode=decode, repartition_every=3)
+    stats = assert_matches(tiny_ckpt, tiny_exact, reference_model(tiny_ckpt), TINY_PROMPTS, cfg)
+    slots = [int(stats[f"layer{i}_slots"]) for i in range(mc.num_hidden_layers)]
+    assert stats["cache_slots_moved"] > 0 and sum(slots) == stats["cache_slots"]
+    assert len(set(slots)) > 1 and min(slots) == stats["slots_per_layer"] >= mc.num_experts_per_tok
+    if decode == "static":
+        assert stats["decode_segments_redone"] > 0
 
 
 @pytest.mark.parametrize("decode", ["static", "transformers"])
