@@ -86,6 +86,23 @@ def exact_coordinator(tiny_ckpt: Path, exact_workers: list[ServerProcess]) -> It
         server.stop()
 
 
+DEPLOY_TOKEN = "deploy-auth-s3cret-7f9c"
+"""The shared token of the secured deployments of test_deploy and test_deploy_auth (their ``TOKEN``)."""
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A ``token`` file holding ``DEPLOY_TOKEN`` and a self-signed ``key``/``cert`` pair (SAN 127.0.0.1: every
+    server of test_deploy's cluster binds it), made once per module that uses it (test_deploy, test_deploy_auth)."""
+    from test_security import _self_signed
+
+    d = tmp_path_factory.mktemp("deploy-secrets")
+    token = d / "token"
+    token.write_text(DEPLOY_TOKEN + "\n")
+    key, cert = _self_signed(d)
+    return {"token": token, "key": key, "cert": cert}
+
+
 @pytest.fixture
 def local_ray(moe_cache_dir: Path) -> Iterator[None]:
     """An in-process local Ray (``ray.init``) on 127.0.0.1 shared by consecutive tests that drive actors

@@ -33,9 +33,9 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_security import _self_signed
 
 from client import Client, ClientError
+from conftest import DEPLOY_TOKEN as TOKEN
 from conftest import REPO
 from coordinator.reference import greedy, reference_model
 from deploy.local_ray import LocalRay, free_port
@@ -45,16 +45,6 @@ from expert_workers.security import TOKEN_ENV, client_channel
 pytestmark = pytest.mark.slow
 PROMPT_IDS = [5, 9, 33, 70, 100]
 NEW_TOKENS = 12
-TOKEN = "deploy-auth-s3cret-7f9c"
-
-
-@pytest.fixture(scope="module")
-def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("deploy-secrets")
-    token = d / "token"
-    token.write_text(TOKEN + "\n")
-    key, cert = _self_signed(d)  # SAN 127.0.0.1: every server of this cluster binds it
-    return {"token": token, "key": key, "cert": cert}
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DEPLOY_TOKEN as TOKEN
 from conftest import REPO
-from test_security import _self_signed
 
 from deploy.spec import DeploySpec
 from expert_workers.security import TOKEN_ENV
 from expert_workers.server import ServerConfig
-
-TOKEN = "deploy-auth-s3cret-7f9c"
-
-
-@pytest.fixture(scope="module")
-def secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("deploy-secrets")
-    token = d / "token"
-    token.write_text(TOKEN + "\n")
-    key, cert = _self_signed(d)
-    return {"token": token, "key": key, "cert": cert}
 
 
 def deploy(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -66,8 +55,8 @@ def test_the_token_travels_as_a_path(tmp_path: Path, secrets: dict[str, Path]) -
 
 
 def test_coordinator_args_carry_the_decode_settings() -> None:
-    """``deploy up --prefetch N --prefetch-ahead A --decode MODE --no-speculate --no-pipeline`` reach the
-    coordinator's command line; bad values are refused before anything starts."""
+    """``deploy up --prefetch N --prefetch-ahead A --repartition-every S --decode MODE --no-speculate
+    --no-pipeline`` reach the coordinator's command line; bad values are refused before anything starts."""
     spec = DeploySpec(model="tiny-random", prefetch=3, prefetch_ahead=2, decode="static")
     args = spec.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
     assert args[args.index("--prefetch") + 1] == "3" and args[args.index("--prefetch-ahead") + 1] == "2"
@@ -75,18 +64,20 @@ def test_coordinator_args_carry_the_decode_settings() -> None:
     assert "--no-pipeline" not in args
     from deploy.__main__ import _parser, _spec
 
+    assert args[args.index("--repartition-every") + 1] == "32"
     quiet = _spec(_parser().parse_args(["up", "--model", "tiny-random", "--workers", "1", "--no-speculate",
-                                        "--no-pipeline"]))
+                                        "--no-pipeline", "--repartition-every", "0"]))
     quiet_args = quiet.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
     assert not quiet.speculate and "--no-speculate" in quiet_args
     assert not quiet.pipeline and "--no-pipeline" in quiet_args
     from coordinator.__main__ import parse_args
 
-    assert parse_args(quiet_args).no_pipeline  # and the coordinator takes it
+    parsed = parse_args(quiet_args)  # and the coordinator takes them
+    assert parsed.no_pipeline and parsed.repartition_every == 0
     from coordinator.config import DECODE_MODES
     from deploy.spec import DECODE_MODES as DEPLOY_DECODE_MODES
 
     assert DEPLOY_DECODE_MODES == DECODE_MODES  # deploy keeps its own copy to stay free of torch
-    for bad in ({"prefetch": -1}, {"prefetch_ahead": 3}, {"decode": "fast"}):
-        with pytest.raises(ValueError, match="prefetch|decode"):
+    for bad in ({"prefetch": -1}, {"prefetch_ahead": 3}, {"decode": "fast"}, {"repartition_every": -1}):
+        with pytest.raises(ValueError, match="prefetch|decode|repartition"):
             DeploySpec(model="tiny-random", **bad)  # type: ignore[arg-type]
