@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpc-tokens", type=int, default=24, help="tokens for (e) (each miss ~0.1 s over gRPC)")
     ap.add_argument("--sys-prefetch", default="2",
                     help="coordinator prefetch for (d), comma-separated P or P:A (A = --prefetch-ahead), each with "
-                         "optional letters n (--no-speculate), p (--no-pipeline), f (--repartition-every 0): the "
-                         "first is (d), the others extra rows")
+                         "optional letters n (--no-speculate), p (--no-pipeline), f (--repartition-every 0), l "
+                         "(--eviction lru): the first is (d), the others extra rows")
     ap.add_argument("--offloading-eager", action=argparse.BooleanOptionalAction, default=True,
                     help="(c) mixtral-offloading style: transformers' eager forward + LRU + pinned, in-process")
     ap.add_argument("--bits2", action=argparse.BooleanOptionalAction, default=True,

@@ -270,20 +270,20 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
 def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
     """``--sys-prefetch`` items, "P", "P:A" (prefetch P experts per guess, guesses A layers ahead), each with
     optional trailing letters "n" (no speculative segments: ``--no-speculate``), "p" (no pipelined tokens:
-    ``--no-pipeline``) and "f" (slots fixed, evenly spread: ``--repartition-every 0``), as (row name suffix,
-    coordinator flags); the first item is (d) itself."""
+    ``--no-pipeline``), "f" (slots fixed, evenly spread: ``--repartition-every 0``) and "l" (LRU eviction:
+    ``--eviction lru``), as (row name suffix, coordinator flags); the first item is (d) itself."""
     out = []
     for item in str(spec).split(","):
-        core = item.rstrip("npf")
+        core = item.rstrip("npfl")
         letters = item[len(core):]
-        nospec, nopipe, fixed = "n" in letters, "p" in letters, "f" in letters
+        nospec, nopipe, fixed, lru = "n" in letters, "p" in letters, "f" in letters, "l" in letters
         p, _, a = core.partition(":")
         ahead = int(a or 1)
         name = (f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else "")
-                + ("_nopipe" if nopipe else "") + ("_fixedslots" if fixed else ""))
+                + ("_nopipe" if nopipe else "") + ("_fixedslots" if fixed else "") + ("_lru" if lru else ""))
         flags = ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]
         out.append((name, flags + ["--no-speculate"] * nospec + ["--no-pipeline"] * nopipe
-                    + ["--repartition-every", "0"] * fixed))
+                    + ["--repartition-every", "0"] * fixed + ["--eviction", "lru"] * lru))
     return out
 
 
@@ -293,7 +293,8 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
     """(c) as mixtral-offloading builds it: transformers' own eager forward (one launch per op, no CUDA graphs),
     a per-layer LRU of k experts, a miss copied on demand from pinned host memory, no prefetch. It runs in this
     process on our Coordinator (``decode="transformers"``, prefetch 0, same cap and so the same slots as (d),
-    kept evenly spread: ``repartition_every=0``, as mixtral-offloading gives every layer the same k); the
+    kept evenly spread and evicting the least recently used: ``repartition_every=0``, ``eviction="lru"``, as
+    mixtral-offloading does); the
     experts are read from the workers' shared memory, registered with cudaHostRegister, i.e. pinned memory.
     Inputs are teacher-forced from the same random stream as (a)-(c)."""
     from coordinator.config import CoordinatorConfig
@@ -311,7 +312,7 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
     base = torch.cuda.memory_allocated() if cuda else 0
     co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda" if cuda else "cpu", gpu_memory_gb=cap * 1e9 / 2**30,
                                                   max_seq_len=512, prefetch=0, fetch_workers=8, decode="transformers",
-                                                  repartition_every=0))
+                                                  repartition_every=0, eviction="lru"))
     gen = torch.Generator().manual_seed(4321)
     stream = torch.randint(0, co.vocab_size, (args.warmup + n,), generator=gen).tolist()
     try:

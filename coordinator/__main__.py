@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from coordinator.config import DECODE_MODES, CoordinatorConfig, default_device
+from coordinator.config import DECODE_MODES, EVICTIONS, CoordinatorConfig, default_device
 
 log = logging.getLogger("coordinator")
 
@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repartition-every", type=int, default=32, metavar="STEPS",
                    help="with --gpu-memory-gb (or no cache flag): steps between two plans of each layer's cache "
                    "slots from its traffic (0: keep them evenly spread)")
+    p.add_argument("--eviction", choices=EVICTIONS, default="lrfu",
+                   help="which expert a full cache layer evicts: least recently used, or least recency-weighted "
+                   "use count (lrfu)")
     p.add_argument("--attn-bits", type=int, choices=(4, 8, 16), default=4, help="hqq bits for attention")
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
     p.add_argument("--fetch-workers", type=_positive_int, default=4, help="expert transfers in flight")
@@ -88,7 +91,7 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> CoordinatorC
     return CoordinatorConfig(
         device=args.device or default_device(), experts_per_layer=args.experts_per_layer,
         gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
-        repartition_every=args.repartition_every,
+        repartition_every=args.repartition_every, eviction=args.eviction,
         attn_bits=args.attn_bits,
         max_seq_len=args.max_seq_len, max_queue=getattr(args, "max_queue", 16),
         fetch_workers=args.fetch_workers, fetch_timeout_s=args.fetch_timeout_s,

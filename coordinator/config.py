@@ -8,6 +8,8 @@ import torch
 
 GIB = 2**30
 DECODE_MODES = ("auto", "graphs", "static", "transformers")
+EVICTIONS = ("lru", "lrfu")
+"""Expert cache eviction policies (``coordinator.cache``)."""
 
 
 def default_device() -> str:
@@ -37,6 +39,10 @@ class CoordinatorConfig:
     """Steps between two plans of how many cache slots each layer gets, from the decode traffic each layer saw
     (``coordinator.partition``): layers that route alike keep few slots, those that spread get more. Applies
     when the memory budget sizes the cache; 0 keeps the even spread, as does ``experts_per_layer``."""
+    eviction: str = "lrfu"
+    """Which expert a full layer of the cache evicts: "lru" (least recently used, mixtral-offloading's policy)
+    or "lrfu" (least recency-weighted use count: an expert the layer keeps coming back to stays;
+    ``coordinator.cache``)."""
     attn_bits: int = 4
     """hqq bits for attention q/k/v/o: 4, 8 or 16 (as in the checkpoint)."""
     attn_group_size: int = 64
@@ -80,6 +86,8 @@ class CoordinatorConfig:
             raise ValueError(f"attn_bits must be 4, 8 or 16, got {self.attn_bits}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         if self.repartition_every < 0:
             raise ValueError(f"repartition_every must be >= 0, got {self.repartition_every}")
         if self.max_queue < 0 or self.fetch_workers < 1:

@@ -302,7 +302,7 @@ class ExpertRunner:
 
     def _land_misses(self, layer: int, misses: list[Load], protect: set[int],
                      on_land: Callable[[int, int], None]) -> None:
-        """Misses in the order they land; each takes the LRU victim among experts not in ``protect`` (those
+        """Misses in the order they land; each takes the cache's victim among experts not in ``protect`` (those
         this step still has to compute), then ``on_land(buffer, expert)``."""
         pending = list(misses)
         while pending:

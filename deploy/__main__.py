@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy.spec import ATTN_BITS, DECODE_MODES, EXPERT_BITS, NAMESPACE, DeployError, DeploySpec
+from deploy.spec import ATTN_BITS, DECODE_MODES, EVICTIONS, EXPERT_BITS, NAMESPACE, DeployError, DeploySpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="layers the coordinator's decoder guesses ahead [1]")
     up.add_argument("--repartition-every", type=int, default=32, metavar="STEPS",
                     help="coordinator: steps between two plans of each layer's cache slots, 0 = evenly spread [32]")
+    up.add_argument("--eviction", choices=EVICTIONS, default="lrfu",
+                    help="coordinator: which expert a full cache layer evicts [lrfu]")
     up.add_argument("--decode", choices=DECODE_MODES, default="auto",
                     help="coordinator single-token steps: graphs, static, transformers, or auto [auto]")
     up.add_argument("--no-speculate", action="store_true",
@@ -113,7 +115,7 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
                       attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
                       gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
-                      repartition_every=args.repartition_every, decode=args.decode, speculate=not args.no_speculate, pipeline=not args.no_pipeline,
+                      repartition_every=args.repartition_every, eviction=args.eviction, decode=args.decode, speculate=not args.no_speculate, pipeline=not args.no_pipeline,
                       namespace=args.namespace,
                       expert_host=args.expert_host, auth_token_file=_absolute(args.auth_token_file),
                       tls_cert=_absolute(args.tls_cert), tls_key=_absolute(args.tls_key),

@@ -16,6 +16,7 @@ WORKER_PREFIX = "expert-worker"
 EXPERT_BITS = (2, 3, 4, 8, 16)
 ATTN_BITS = (4, 8, 16)
 DECODE_MODES = ("auto", "graphs", "static", "transformers")  # coordinator.config's (which imports torch)
+EVICTIONS = ("lru", "lrfu")  # coordinator.config's too
 
 
 class DeployError(RuntimeError):
@@ -55,6 +56,8 @@ class DeploySpec:
     repartition_every: int = 32
     """Steps between two plans of each layer's cache slots (0: evenly spread;
     ``CoordinatorConfig.repartition_every``)."""
+    eviction: str = "lrfu"
+    """Which expert a full cache layer evicts: "lru" or "lrfu" (``CoordinatorConfig.eviction``)."""
     decode: str = "auto"
     """How the coordinator runs single-token steps (``CoordinatorConfig.decode``)."""
     speculate: bool = True
@@ -94,6 +97,8 @@ class DeploySpec:
         if self.prefetch < 0 or self.prefetch_ahead not in (1, 2) or self.repartition_every < 0:
             raise ValueError(f"prefetch and repartition_every must be >= 0 and prefetch_ahead 1 or 2, got "
                              f"{self.prefetch}, {self.repartition_every}, {self.prefetch_ahead}")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if not 0 <= self.port < 65536:
@@ -150,7 +155,8 @@ class DeploySpec:
                 "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
                 "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
-                "--repartition-every", str(self.repartition_every), "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
+                "--repartition-every", str(self.repartition_every), "--eviction", self.eviction,
+                "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
         args += [] if self.pipeline else ["--no-pipeline"]
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]

@@ -14,14 +14,16 @@ from coordinator.__main__ import parse_args
 def test_sys_prefetch_items_become_coordinator_flags() -> None:
     """Each (d) row's flags parse as the coordinator's own: prefetch, the layers guessed ahead, speculation,
     pipelining."""
-    settings = prefetch_settings("2,2n,0,2:2,2p,1np,2f")
+    settings = prefetch_settings("2,2n,0,2:2,2p,1np,2fl")
     assert [name for name, _ in settings] == ["_prefetch2", "_prefetch2_nospec", "_prefetch0", "_prefetch2_ahead2",
                                               "_prefetch2_nopipe", "_prefetch1_nospec_nopipe",
-                                              "_prefetch2_fixedslots"]
+                                              "_prefetch2_fixedslots_lru"]
     parsed = [parse_args(["serve", "--model", "m", "--workers", "127.0.0.1:1", *flags]) for _, flags in settings]
-    assert [(a.prefetch, a.prefetch_ahead, a.no_speculate, a.no_pipeline, a.repartition_every) for a in parsed] == [
-        (2, 1, False, False, 32), (2, 1, True, False, 32), (0, 1, False, False, 32), (2, 2, False, False, 32),
-        (2, 1, False, True, 32), (1, 1, True, True, 32), (2, 1, False, False, 0)]
+    assert [(a.prefetch, a.prefetch_ahead, a.no_speculate, a.no_pipeline, a.repartition_every, a.eviction)
+            for a in parsed] == [
+        (2, 1, False, False, 32, "lrfu"), (2, 1, True, False, 32, "lrfu"), (0, 1, False, False, 32, "lrfu"),
+        (2, 2, False, False, 32, "lrfu"), (2, 1, False, True, 32, "lrfu"), (1, 1, True, True, 32, "lrfu"),
+        (2, 1, False, False, 0, "lru")]
 
 
 def _row(variant: str, ms: float, cap: float | None = None, hit: float = 1.0, mb: float = 0.0) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from coordinator import Coordinator, CoordinatorConfig, ExpertCache, GenerateParams
 from coordinator.engine import load_tokenizer
+from coordinator.config import EVICTIONS
 from coordinator.partition import SlotPlanner
 from coordinator.replay import replay
 from expert_workers.format import EXACT, ExpertKey
@@ -68,14 +69,16 @@ def test_lru_reproduces_readme_hit_rates(k: int) -> None:
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason="code-moe-22m routing trace not present")
-@pytest.mark.parametrize(("k", "fixed", "planned"), [(4, 0.861, 0.877), (5, 0.926, 0.948)])
-def test_planned_slots_beat_the_even_spread(k: int, fixed: float, planned: float) -> None:
+@pytest.mark.parametrize(("k", "eviction", "fixed", "planned"),
+                         [(4, "lru", 0.861, 0.877), (5, "lru", 0.926, 0.948), (4, "lrfu", 0.880, 0.893)])
+def test_planned_slots_beat_the_even_spread(k: int, eviction: str, fixed: float, planned: float) -> None:
     """The same trace with the slots re-planned every 32 steps from the traffic (coordinator.partition),
-    k per layer on average: fewer misses than every layer holding k (measured 0.877 / 0.949)."""
+    k per layer on average: fewer misses than every layer holding k, with either eviction policy (the
+    planner's counts model LRU; LRFU gains on top of them)."""
     trace = np.load(TRACE)
     layers, seqs, tokens, top_k = trace.shape
     steps = np.sort(trace, axis=-1).transpose(1, 2, 0, 3).reshape(seqs * tokens, layers, top_k).tolist()
-    cache = ExpertCache(layers, k, 0, 1, torch.device("cpu"))
+    cache = ExpertCache(layers, k, 0, 1, torch.device("cpu"), eviction=eviction)
     planner = SlotPlanner(layers, 8, floor=top_k)
     for i, step in enumerate(steps):
         if i and i % 32 == 0:
@@ -86,8 +89,40 @@ def test_planned_slots_beat_the_even_spread(k: int, fixed: float, planned: float
             planner.observe(layer, sorted(set(used)))
             run_step(cache, layer, sorted(set(used)))
     c = cache.counters
-    assert c.hits / (c.hits + c.misses) == pytest.approx(planned, abs=0.005) and planned > fixed + 0.015
+    assert c.hits / (c.hits + c.misses) == pytest.approx(planned, abs=0.005) and planned > fixed + 0.01
     assert c.slots_moved > 0 and len(set(cache.layer_slots)) > 1
+
+
+@pytest.mark.skipif(not TRACE.is_file(), reason="code-moe-22m routing trace not present")
+@pytest.mark.parametrize(("k", "lru", "lrfu"), [(3, 0.730, 0.768), (4, 0.861, 0.880)])
+def test_lrfu_eviction_beats_lru_on_learned_routing(k: int, lru: float, lrfu: float) -> None:
+    """Evicting the least recency-weighted use count instead of the least recent use keeps the experts a
+    layer keeps coming back to: 3.8 / 1.9 points more hits at k = 3 / 4 on the held-out trace."""
+    trace = np.load(TRACE)
+    layers, seqs, tokens, top_k = trace.shape
+    steps = np.sort(trace, axis=-1).transpose(1, 2, 0, 3).reshape(seqs * tokens, layers, top_k).tolist()
+    rates = {}
+    for eviction in EVICTIONS:
+        cache = ExpertCache(layers, k, 0, 1, torch.device("cpu"), eviction=eviction)
+        for step in steps:
+            for layer, used in enumerate(step):
+                run_step(cache, layer, sorted(set(used)))
+        rates[eviction] = cache.counters.hits / (cache.counters.hits + cache.counters.misses)
+    assert rates["lru"] == pytest.approx(lru, abs=0.005) and rates["lrfu"] == pytest.approx(lrfu, abs=0.005)
+
+
+def test_lrfu_keeps_the_expert_a_layer_comes_back_to() -> None:
+    """Two slots; expert 0 used three steps in a row, then 1, then 2: LRU evicts 0 (least recent), LRFU evicts
+    1 (worth 1 against 0's ~2.7), so the next use of 0 hits only under LRFU."""
+    for eviction, hit in (("lru", False), ("lrfu", True)):
+        cache = ExpertCache(1, 2, 0, 1, torch.device("cpu"), eviction=eviction)
+        for used in ([0], [0], [0], [1], [2]):
+            run_step(cache, 0, used)
+        before = cache.counters.hits
+        run_step(cache, 0, [0])
+        assert (cache.counters.hits > before) is hit, eviction
+    with pytest.raises(ValueError, match="eviction"):
+        ExpertCache(1, 2, 0, 1, torch.device("cpu"), eviction="fifo")
 
 
 def test_planner_gives_slots_where_the_traffic_spreads() -> None:
@@ -107,13 +142,14 @@ def test_planner_gives_slots_where_the_traffic_spreads() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(k=st.integers(1, 4), spares=st.integers(0, 3),
+@given(k=st.integers(1, 4), spares=st.integers(0, 3), eviction=st.sampled_from(EVICTIONS),
        ops=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 5), min_size=1, max_size=4),
                               st.lists(st.integers(0, 5), max_size=3), st.integers(0, 5)), max_size=40))
-def test_every_buffer_has_one_owner(k: int, spares: int, ops: list[tuple[int, set[int], list[int], int]]) -> None:
+def test_every_buffer_has_one_owner(k: int, spares: int, eviction: str,
+                                    ops: list[tuple[int, set[int], list[int], int]]) -> None:
     """Steps interleaved with prefetches (reserve, promote on use, reclaim) and repartitions (buffers moved
     between layers) never lose or share a buffer, and the counters stay consistent."""
-    cache = ExpertCache(3, k, spares, 1, torch.device("cpu"))
+    cache = ExpertCache(3, k, spares, 1, torch.device("cpu"), eviction=eviction)
     issued = 0
     for layer, used, guesses, shift in ops:
         if shift:  # move up to `shift` slots from one layer to the next (each keeps one at least)

@@ -69,21 +69,22 @@ def assert_matches(ckpt: Path, source: ExpertSource, reference: torch.nn.Module,
         engine.close()
 
 
-@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "decode", "ahead"),
-                         [(1, 0, True, "transformers", 1), (1, 2, False, "transformers", 1),
-                          (8, 0, False, "transformers", 1), (8, 2, True, "transformers", 1),
-                          (3, 3, False, "transformers", 1), (1, 2, True, "static", 1), (8, 0, False, "static", 1),
-                          (2, 1, False, "static", 1), (2, 2, True, "static", 2), (1, 1, False, "static", 2)])
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "decode", "ahead", "eviction"),
+                         [(1, 0, True, "transformers", 1, "lrfu"), (1, 2, False, "transformers", 1, "lrfu"),
+                          (8, 0, False, "transformers", 1, "lrfu"), (8, 2, True, "transformers", 1, "lrfu"),
+                          (3, 3, False, "transformers", 1, "lru"), (1, 2, True, "static", 1, "lrfu"),
+                          (8, 0, False, "static", 1, "lrfu"), (2, 1, False, "static", 1, "lru"),
+                          (2, 2, True, "static", 2, "lrfu"), (1, 1, False, "static", 2, "lrfu")])
 def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch: int, zero_copy: bool,
-                    decode: str, ahead: int, monkeypatch: pytest.MonkeyPatch) -> None:
+                    decode: str, ahead: int, eviction: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """decode "static" is coordinator.decode (the CUDA-graph code, run eagerly): same tokens as transformers,
-    with attention spans of 8, 16, 32, 64 positions crossed as the sequences grow."""
+    with attention spans of 8, 16, 32, 64 positions crossed as the sequences grow; either eviction policy."""
     import coordinator.decode
 
     monkeypatch.setattr(coordinator.decode, "MIN_SPAN", 8)
     reference = reference_model(tiny_ckpt)  # the checkpoint's own experts, as from_pretrained loads them
     cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy,
-                            decode=decode, prefetch_ahead=ahead)
+                            decode=decode, prefetch_ahead=ahead, eviction=eviction)
     stats = assert_matches(tiny_ckpt, tiny_exact, reference, TINY_PROMPTS, cfg)
     assert stats["cache_misses"] > 0
     if prefetch:
