@@ -418,9 +418,9 @@ def timelines(ckpt: Path, addrs: str, caps: list[float], prompt: list[int], args
         for suffix, flags in prefetch_settings(args.sys_prefetch):
             name = "timeline" + suffix
             try:
+                device = "cuda" if args.device.startswith("cuda") else "cpu"
                 found = timeline.profile_decode(ckpt, addrs, cap, flags, prompt, args.timeline_tokens,
-                                                Path(args.out), log, "cuda" if args.device.startswith("cuda") else "cpu",
-                                                bits)
+                                                Path(args.out), log, device, bits)
             except Exception as e:  # noqa: BLE001 - a diagnosis, not a run
                 import traceback
                 traceback.print_exc()

@@ -134,7 +134,7 @@ def table(parts: dict[str, float], label: str = "") -> str:
             "copies_per_token", "copy_gb_s")
     head = f"| {label or 'timeline'} | " + " | ".join(keys) + " |"
     sep = "|---" * (len(keys) + 1) + "|"
-    vals = f"| per token | " + " | ".join(f"{parts.get(k, float('nan')):.2f}" for k in keys) + " |"
+    vals = "| per token | " + " | ".join(f"{parts.get(k, float('nan')):.2f}" for k in keys) + " |"
     return "\n".join((head, sep, vals))
 
 
@@ -180,7 +180,7 @@ def profile_decode(ckpt: Path, addrs: str, cap_gb: float, flags: Sequence[str], 
         src.close()
     at = marks(trace)
     parts = breakdown(device_trace(trace, (at[0], at[-1])), len(at) - 1) if len(at) > 2 else {}
-    log(f"timeline, {bits}-bit experts at {cap_gb:g} GB {' '.join(flags)} (warm request {warm.get('decode_tokens_per_s', 0):.1f} "
-        f"tok/s):\n" + table(parts, f"{cap_gb:g} GB"))
+    log(f"timeline, {bits}-bit experts at {cap_gb:g} GB {' '.join(flags)} (warm request "
+        f"{warm.get('decode_tokens_per_s', 0):.1f} tok/s):\n" + table(parts, f"{cap_gb:g} GB"))
     return {"cap_gb": cap_gb, "flags": list(flags), "trace": gz.name, "warm_tokens_per_s":
             warm.get("decode_tokens_per_s"), "timeline": parts}

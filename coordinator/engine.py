@@ -22,13 +22,13 @@ import torch
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
 from coordinator.cache import ExpertCache, describe_slots, spread_slots
-from coordinator.partition import SlotPlanner
 from coordinator.config import GIB, CoordinatorConfig
 from coordinator.decode import StaticDecoder, graphs_apply, table_applies
 from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, RequestOutput,
                                   Sampler, TokenCopy, TokenEvent, validate)
 from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
 from coordinator.moe import RECALL_TOP, ExpertRunner
+from coordinator.partition import SlotPlanner
 from coordinator.transfer import Transfers
 from expert_workers.format import ALIGN, ExpertKey, ExpertLayout, ExpertManifest
 from expert_workers.source import ExpertSource
