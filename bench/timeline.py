@@ -171,9 +171,10 @@ def profile_decode(ckpt: Path, addrs: str, cap_gb: float, flags: Sequence[str], 
                 torch.cuda.synchronize()
         path = out / f"trace-{bits}bit-{cap_gb:g}gb{'_'.join(['', *flags]).replace('--', '')}.json"
         prof.export_chrome_trace(str(path))
-        trace = json.loads(path.read_text())
+        raw = path.read_bytes()  # read once: parsed here, kept gzipped
+        trace = json.loads(raw)
         gz = path.with_suffix(".json.gz")
-        gz.write_bytes(gzip.compress(path.read_bytes()))
+        gz.write_bytes(gzip.compress(raw))
         path.unlink()
     finally:
         co.close()

@@ -41,8 +41,6 @@ class SlotPlanner:
         self.layers, self.experts, self.floor = layers, experts, floor
         self._stacks = [list(range(experts)) for _ in range(layers)]  # most recently used first
         self._depth_uses = np.zeros((layers, experts))
-        self.observed = 0
-        """Decode uses counted since the planner was made."""
 
     def observe(self, layer: int, used: Iterable[int]) -> None:
         """One decode step's experts of ``layer`` (looked up together, as the cache does)."""
@@ -53,7 +51,6 @@ class SlotPlanner:
         for e in used:  # then all of them most recently used
             stack.remove(e)
         stack[:0] = used
-        self.observed += len(used)
 
     def hits(self, slots: Sequence[int]) -> float:
         """Decode uses (decayed) that LRUs of ``slots`` per layer would have hit."""
