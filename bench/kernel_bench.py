@@ -136,8 +136,11 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
 
     # ---- launch-shape sweep (graphed, 2 experts): gate-up first, then down
     C = gk.GemvConfig
-    gu_cands = [C(8, 2, 1, 4, 4), C(4, 2, 1, 4, 3), C(2, 4, 1, 4, 3), C(8, 2, 1, 4, 3)]
-    dn_cands = [C(8, 2, 4, 4, 4), C(2, 4, 2, 4, 3), C(4, 2, 4, 4, 4), C(8, 2, 8, 4, 4)]
+    W = True  # W_q read by int32 words (GemvConfig.words)
+    gu_cands = [C(8, 2, 1, 4, 4), C(8, 4, 1, 4, 3, W), C(8, 8, 1, 4, 3, W), C(16, 4, 1, 4, 3, W), C(4, 8, 1, 4, 3, W),
+                C(8, 4, 1, 4, 4, W), C(16, 8, 1, 8, 3, W)]
+    dn_cands = [C(8, 2, 4, 4, 4), C(8, 4, 4, 4, 3, W), C(8, 8, 4, 4, 3, W), C(16, 4, 4, 4, 3, W), C(8, 4, 8, 4, 3, W),
+                C(8, 8, 2, 4, 3, W), C(4, 8, 4, 4, 3, W)]
     time2 = lambda gu, dn: graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay, gate_up=gu, down=dn))  # noqa: E731
     best_gu, best_dn, best_t, sweep = _sweep(time2, gu_cands, dn_cands, gk.GATE_UP, gk.DOWN, float("inf"))
     gk.set_configs(gate_up=best_gu, down=best_dn)
@@ -175,6 +178,16 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
     xb1 = torch.randn(1, H, device=device, dtype=torch.bfloat16)
     wd = torch.randn(6144, H, device=device, dtype=torch.bfloat16)
     t["qkv_4bit_ours"] = timeit(lambda i: gk.packed_linear(xb1, pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64), 1)
+    res["linear_sweep_ms"] = lin = {}
+    best_lin, best_lt = gk.LINEAR, graph_time(lambda: gk.packed_linear(xb1, pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64))
+    for c in [C(4, 2, 1, 4, 3), C(8, 4, 1, 8, 3, W), C(8, 8, 1, 8, 3, W), C(4, 8, 1, 4, 3, W), C(16, 4, 1, 8, 3, W)]:
+        ms = lin[str(c)] = graph_time(lambda: gk.packed_linear(xb1, pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64, c))
+        if ms < best_lt:
+            best_lin, best_lt = c, ms
+    gk.set_configs(linear=best_lin)
+    res["best_configs"]["linear"] = best_lin.__dict__
+    t["qkv_4bit_ours_graph_tuned"] = best_lt
+    log(f"tuned linear={best_lin}: {best_lt:.4f} ms for qkv (graph); sweep {lin}")
     t["qkv_bf16"] = timeit(lambda i: F.linear(xb1, wd), 1)
     res["qkv_4bit_rel_err"] = rel(gk.packed_linear(xb1, pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64),
                                   F.linear(xb1.float(), gk.dequantize(pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64,
@@ -228,8 +241,11 @@ def run3(shape: ModelShape, tpl3: list[tuple[np.ndarray, ExpertManifest]], devic
     w2 = torch.tensor([[0.5, 0.5]], device=device)
     t["moe_2experts_graph"] = graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay))
     C = gk.GemvConfig
-    gu_cands = [C(4, 2, 1, 4, 3), C(2, 2, 1, 4, 3), C(2, 4, 1, 4, 3), C(4, 2, 1, 4, 4), C(8, 1, 1, 4, 3)]
-    dn_cands = [C(4, 2, 4, 4, 3), C(2, 2, 4, 4, 3), C(4, 2, 8, 4, 3), C(4, 2, 4, 4, 4), C(8, 2, 4, 4, 3)]
+    W = True  # W_q read by int32 words (GemvConfig.words)
+    gu_cands = [C(4, 2, 1, 4, 3), C(4, 2, 1, 4, 3, W), C(4, 4, 1, 4, 3, W), C(8, 2, 1, 4, 3, W), C(8, 4, 1, 4, 3, W),
+                C(2, 4, 1, 4, 3, W), C(4, 8, 1, 4, 3, W)]
+    dn_cands = [C(8, 2, 4, 4, 3), C(8, 2, 4, 4, 3, W), C(4, 2, 4, 4, 3, W), C(8, 4, 4, 4, 3, W), C(4, 4, 4, 4, 3, W),
+                C(8, 4, 8, 4, 3, W), C(8, 8, 4, 4, 3, W)]
     time2 = lambda gu, dn: graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay, gate_up=gu, down=dn))  # noqa: E731
     best_gu, best_dn, best_t, sweep = _sweep(time2, gu_cands, dn_cands, gk.GATE_UP3, gk.DOWN3,
                                              t["moe_2experts_graph"])

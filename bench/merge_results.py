@@ -47,5 +47,7 @@ def merge(out_stem: str, specs: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)
     m = merge(sys.argv[1], sys.argv[2:])
     print(report.table(m))

@@ -12,7 +12,7 @@ byte ("2bit_u8", "4bit_u8", "8bit_u8"): byte (i, j) of the [R/V, g] tensor holds
 v = 0..V-1, most significant bits first. Since R/V = (N/V)·(K/g), ``W_q`` viewed as [N/V, K] holds in byte
 (n', k) the weights W[n' + v·N/V, k]: one byte feeds V output rows at the same k, so a tile of BN packed rows
 computes V·BN outputs and every byte is read once. ``scale``/``zero`` are [R] fp16 and W = (W_q − zero)·scale.
-The kernels use the factored form  Σ_k W·x = Σ_groups scale·(Σ_j q·x − zero·Σ_j x)  (4 ops a weight).
+The K loop's steps (by bytes, or by int32 words: ``GemvConfig.words``) are in ``coordinator.gemv_steps``.
 
 3-bit codes come as two planes, "2bit_u8" and "1bit_u8" of the same rows (``format.PLANES3``), read by the
 kernels of ``coordinator.planes3`` the same way (one tile computes 8 rows per packed row).
@@ -28,6 +28,7 @@ Paths, fastest first:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -66,16 +67,19 @@ class GemvConfig:
     """Warps per program."""
     num_stages: int = 3
     """Software-pipelining depth of the K loop."""
+    words: bool = False
+    """Read W_q as int32 words and turn each field into a float with one mask-or (``gemv_steps.wstep``)
+    instead of unpacking bytes (``qstep``): fewer integer instructions per weight, the same products."""
 
 
-# tuned on the H200 (bench/results/2026-11-30-h200.json, "sweep_ms"): 2 experts in 0.19 ms graphed
-GATE_UP = GemvConfig(block_n=8, groups_per_block=2, split_k=1, num_warps=4, num_stages=4)
-DOWN = GemvConfig(block_n=8, groups_per_block=2, split_k=4, num_warps=4, num_stages=4)
-LINEAR = GemvConfig(block_n=4, groups_per_block=2, split_k=1, num_warps=4, num_stages=3)
-# 3-bit planes (bench/results/2026-11-30-h200-s6c.json, "kernels3"): 2 experts in 0.24 ms graphed; (2, 4) for
-# gate-up was 1% faster than (4, 2), within noise, and would need K to be a multiple of 256
-GATE_UP3 = GemvConfig(block_n=4, groups_per_block=2, split_k=1, num_warps=4, num_stages=3)
-DOWN3 = GemvConfig(block_n=8, groups_per_block=2, split_k=4, num_warps=4, num_stages=3)
+# tuned on the H200 (bench/results/2026-12-01-h200-s8{a,b}.json, "sweep_ms"): 2 experts in 0.124 ms graphed by
+# words, 0.19 ms by bytes (the session-1 shapes, kept in the sweep); 4-bit qkv 0.015 ms (bytes: 0.022)
+GATE_UP = GemvConfig(block_n=8, groups_per_block=4, split_k=1, num_warps=4, num_stages=3, words=True)
+DOWN = GemvConfig(block_n=8, groups_per_block=4, split_k=4, num_warps=4, num_stages=3, words=True)
+LINEAR = GemvConfig(block_n=8, groups_per_block=8, split_k=1, num_warps=8, num_stages=3, words=True)
+# 3-bit planes (s8b, "bits3"): 2 experts in 0.158 ms graphed by words, 0.22 ms by bytes
+GATE_UP3 = GemvConfig(block_n=4, groups_per_block=8, split_k=1, num_warps=4, num_stages=3, words=True)
+DOWN3 = GemvConfig(block_n=8, groups_per_block=4, split_k=4, num_warps=4, num_stages=3, words=True)
 
 
 def set_configs(gate_up: GemvConfig | None = None, down: GemvConfig | None = None,
@@ -152,65 +156,7 @@ def configs_for(layout: PackedLayout) -> tuple[GemvConfig, GemvConfig]:
 
 # ----------------------------------------------------------------------------------------------- kernels
 if HAVE_TRITON:
-
-    @triton.jit
-    def _quarter(p, s_ptr, z_ptr, gi0, gmask, x3, acc, QI: tl.constexpr, NVG: tl.constexpr, BITS: tl.constexpr):
-        """acc[BN, GPB, GROUP] += dequant(quarter QI of bytes p) · x for output rows n' + QI·N/V.
-        The 2^23 "magic number" turns the integer into a float with one OR and one FADD (no I2F)."""
-        gi = gi0 + QI * NVG
-        s = tl.load(s_ptr + gi, mask=gmask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + gi, mask=gmask, other=0).to(tl.float32)
-        SH: tl.constexpr = 8 - BITS * (QI + 1)
-        MASK: tl.constexpr = (1 << BITS) - 1
-        qf = (((p >> SH) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        w = qf * s[:, :, None] - (z * s)[:, :, None]
-        return acc + w * x3
-
-    @triton.jit
-    def _qstep(q_ptr, s_ptr, z_ptr, x3, rows, row_mask, kb, a0, a1, a2, a3,
-               NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-               BN: tl.constexpr, GPB: tl.constexpr):
-        """One K step (GPB groups) of W·x for BN packed rows, all V = 8/BITS quarters (a0..a3)."""
-        V: tl.constexpr = 8 // BITS
-        G: tl.constexpr = K // GROUP
-        g = kb * GPB + tl.arange(0, GPB)
-        j = tl.arange(0, GROUP)
-        p = tl.load(q_ptr + rows[:, None, None] * K + g[None, :, None] * GROUP + j[None, None, :],
-                    mask=row_mask[:, None, None], other=0).to(tl.int32)          # [BN, GPB, GROUP]
-        gi0 = rows[:, None] * G + g[None, :]                                      # [BN, GPB]
-        gmask = row_mask[:, None]
-        a0 = _quarter(p, s_ptr, z_ptr, gi0, gmask, x3, a0, 0, NV * G, BITS)
-        if V >= 2:
-            a1 = _quarter(p, s_ptr, z_ptr, gi0, gmask, x3, a1, 1, NV * G, BITS)
-        if V >= 4:
-            a2 = _quarter(p, s_ptr, z_ptr, gi0, gmask, x3, a2, 2, NV * G, BITS)
-            a3 = _quarter(p, s_ptr, z_ptr, gi0, gmask, x3, a3, 3, NV * G, BITS)
-        return a0, a1, a2, a3
-
-    @triton.jit
-    def _x_tile(x_ptr, kb, GROUP: tl.constexpr, GPB: tl.constexpr):
-        g = kb * GPB + tl.arange(0, GPB)
-        return tl.load(x_ptr + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]).to(tl.float32)[None, :, :]
-
-    @triton.jit
-    def _zeros4(BN: tl.constexpr, GPB: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
-        V: tl.constexpr = 8 // BITS
-        a0 = tl.zeros([BN, GPB, GROUP], tl.float32)
-        if V >= 2:
-            a1 = tl.zeros([BN, GPB, GROUP], tl.float32)
-        else:
-            a1 = tl.zeros([1, 1, 1], tl.float32)
-        if V >= 4:
-            a2 = tl.zeros([BN, GPB, GROUP], tl.float32)
-            a3 = tl.zeros([BN, GPB, GROUP], tl.float32)
-        else:
-            a2 = tl.zeros([1, 1, 1], tl.float32)
-            a3 = tl.zeros([1, 1, 1], tl.float32)
-        return a0, a1, a2, a3
-
-    @triton.jit
-    def _rowsum(a):
-        return tl.sum(tl.sum(a, axis=2), axis=1)
+    from coordinator.gemv_steps import emit, kstep, qstep, rowsum, wstep, x_tile, xw_tile, zeros4
 
     @triton.jit
     def _gate_up_kernel(x_ptr, base_ptr, slots_ptr, slot_stride, h_ptr, zero_ptr, zero_n,
@@ -218,7 +164,7 @@ if HAVE_TRITON:
                         OQ3: tl.constexpr, OS3: tl.constexpr, OZ3: tl.constexpr,
                         H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                         TOPK: tl.constexpr, INDIRECT: tl.constexpr, ZERO_OUT: tl.constexpr,
-                        WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr):
+                        WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
         """h[p, :] = silu(w1 x) * (w3 x) for pair p = program_id(1) (token p // TOPK, slot slots[p])."""
         V: tl.constexpr = 8 // BITS
         NV: tl.constexpr = I // V
@@ -235,22 +181,33 @@ if HAVE_TRITON:
         x_row = x_ptr + (pair // TOPK) * H
         rows = pid_n * BN + tl.arange(0, BN)
         row_mask = rows < NV
-        g0, g1, g2, g3 = _zeros4(BN, GPB, GROUP, BITS)
-        u0, u1, u2, u3 = _zeros4(BN, GPB, GROUP, BITS)
+        GT: tl.constexpr = GROUP // 4 if WORDS else GROUP           # accumulator tile: words or bytes
+        g0, g1, g2, g3 = zeros4(BN, GPB, GT, BITS)
+        u0, u1, u2, u3 = zeros4(BN, GPB, GT, BITS)
         for kb in range(0, H // (GPB * GROUP)):
-            x3 = _x_tile(x_row, kb, GROUP, GPB)
-            g0, g1, g2, g3 = _qstep(q1, s1, z1, x3, rows, row_mask, kb, g0, g1, g2, g3, NV, H, GROUP, BITS, BN, GPB)
-            u0, u1, u2, u3 = _qstep(q3, s3, z3, x3, rows, row_mask, kb, u0, u1, u2, u3, NV, H, GROUP, BITS, BN, GPB)
+            if WORDS:
+                xs0, xs1 = xw_tile(x_row, kb, 0, GROUP, GPB), xw_tile(x_row, kb, 1, GROUP, GPB)
+                xs2, xs3 = xw_tile(x_row, kb, 2, GROUP, GPB), xw_tile(x_row, kb, 3, GROUP, GPB)
+                g0, g1, g2, g3 = wstep(q1, s1, z1, xs0, xs1, xs2, xs3, rows, row_mask, kb, g0, g1, g2, g3,
+                                        NV, H, GROUP, BITS, BN, GPB)
+                u0, u1, u2, u3 = wstep(q3, s3, z3, xs0, xs1, xs2, xs3, rows, row_mask, kb, u0, u1, u2, u3,
+                                        NV, H, GROUP, BITS, BN, GPB)
+            else:
+                x3 = x_tile(x_row, kb, GROUP, GPB)
+                g0, g1, g2, g3 = qstep(q1, s1, z1, x3, rows, row_mask, kb, g0, g1, g2, g3, NV, H, GROUP, BITS,
+                                        BN, GPB)
+                u0, u1, u2, u3 = qstep(q3, s3, z3, x3, rows, row_mask, kb, u0, u1, u2, u3, NV, H, GROUP, BITS,
+                                        BN, GPB)
         out = h_ptr + pair * I + rows
-        a, b = _rowsum(g0), _rowsum(u0)
+        a, b = rowsum(g0), rowsum(u0)
         tl.store(out, a / (1.0 + tl.exp(-a)) * b, mask=row_mask)
         if V >= 2:
-            a, b = _rowsum(g1), _rowsum(u1)
+            a, b = rowsum(g1), rowsum(u1)
             tl.store(out + NV, a / (1.0 + tl.exp(-a)) * b, mask=row_mask)
         if V >= 4:
-            a, b = _rowsum(g2), _rowsum(u2)
+            a, b = rowsum(g2), rowsum(u2)
             tl.store(out + 2 * NV, a / (1.0 + tl.exp(-a)) * b, mask=row_mask)
-            a, b = _rowsum(g3), _rowsum(u3)
+            a, b = rowsum(g3), rowsum(u3)
             tl.store(out + 3 * NV, a / (1.0 + tl.exp(-a)) * b, mask=row_mask)
 
     @triton.jit
@@ -258,7 +215,7 @@ if HAVE_TRITON:
                      OQ: tl.constexpr, OS: tl.constexpr, OZ: tl.constexpr,
                      H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                      TOPK: tl.constexpr, INDIRECT: tl.constexpr, SPLIT_K: tl.constexpr,
-                     WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr):
+                     WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
         """y[m] (+)= Σ_t weight[m, t] · w2_slot(m,t) · h[m·TOPK + t]; program (rows, K split, token m)."""
         V: tl.constexpr = 8 // BITS
         NV: tl.constexpr = H // V
@@ -280,34 +237,28 @@ if HAVE_TRITON:
                 base = base_ptr + tl.load(slots_ptr + pair).to(tl.int64) * slot_stride
                 wt = tl.load(w_ptr + pair).to(tl.float32)
             q, s, z = base + OQ, (base + OS).to(tl.pointer_type(WDT)), (base + OZ).to(tl.pointer_type(WDT))
-            a0, a1, a2, a3 = _zeros4(BN, GPB, GROUP, BITS)
+            a0, a1, a2, a3 = zeros4(BN, GPB, GROUP // 4 if WORDS else GROUP, BITS)
             for kb in range(pid_k, NKB, SPLIT_K):
-                x3 = _x_tile(h_ptr + pair * I, kb, GROUP, GPB)
-                a0, a1, a2, a3 = _qstep(q, s, z, x3, rows, row_mask, kb, a0, a1, a2, a3, NV, I, GROUP, BITS, BN, GPB)
-            o0 += wt * _rowsum(a0)
+                a0, a1, a2, a3 = kstep(q, s, z, h_ptr + pair * I, rows, row_mask, kb, a0, a1, a2, a3,
+                                        NV, I, GROUP, BITS, BN, GPB, WORDS)
+            o0 += wt * rowsum(a0)
             if V >= 2:
-                o1 += wt * _rowsum(a1)
+                o1 += wt * rowsum(a1)
             if V >= 4:
-                o2 += wt * _rowsum(a2)
-                o3 += wt * _rowsum(a3)
+                o2 += wt * rowsum(a2)
+                o3 += wt * rowsum(a3)
         out = y_ptr + m * H + rows
-        _emit(out, o0, row_mask, SPLIT_K)
+        emit(out, o0, row_mask, SPLIT_K)
         if V >= 2:
-            _emit(out + NV, o1, row_mask, SPLIT_K)
+            emit(out + NV, o1, row_mask, SPLIT_K)
         if V >= 4:
-            _emit(out + 2 * NV, o2, row_mask, SPLIT_K)
-            _emit(out + 3 * NV, o3, row_mask, SPLIT_K)
-
-    @triton.jit
-    def _emit(ptr, val, mask, SPLIT_K: tl.constexpr):
-        if SPLIT_K == 1:
-            tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(ptr, val, mask=mask)
+            emit(out + 2 * NV, o2, row_mask, SPLIT_K)
+            emit(out + 3 * NV, o3, row_mask, SPLIT_K)
 
     @triton.jit
     def _linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr,
-                       GROUP: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr):
+                       GROUP: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr,
+                       WORDS: tl.constexpr):
         """y[m] = W x[m] for one hqq-packed [N, K] matrix (attention projections)."""
         V: tl.constexpr = 8 // BITS
         NV: tl.constexpr = N // V
@@ -315,18 +266,17 @@ if HAVE_TRITON:
         m = tl.program_id(1)
         rows = pid_n * BN + tl.arange(0, BN)
         row_mask = rows < NV
-        a0, a1, a2, a3 = _zeros4(BN, GPB, GROUP, BITS)
+        a0, a1, a2, a3 = zeros4(BN, GPB, GROUP // 4 if WORDS else GROUP, BITS)
         for kb in range(0, K // (GPB * GROUP)):
-            x3 = _x_tile(x_ptr + m * K, kb, GROUP, GPB)
-            a0, a1, a2, a3 = _qstep(q_ptr, s_ptr, z_ptr, x3, rows, row_mask, kb, a0, a1, a2, a3, NV, K, GROUP, BITS,
-                                    BN, GPB)
+            a0, a1, a2, a3 = kstep(q_ptr, s_ptr, z_ptr, x_ptr + m * K, rows, row_mask, kb, a0, a1, a2, a3,
+                                    NV, K, GROUP, BITS, BN, GPB, WORDS)
         out = y_ptr + m * N + rows
-        _emit(out, _rowsum(a0), row_mask, 1)
+        emit(out, rowsum(a0), row_mask, 1)
         if V >= 2:
-            _emit(out + NV, _rowsum(a1), row_mask, 1)
+            emit(out + NV, rowsum(a1), row_mask, 1)
         if V >= 4:
-            _emit(out + 2 * NV, _rowsum(a2), row_mask, 1)
-            _emit(out + 3 * NV, _rowsum(a3), row_mask, 1)
+            emit(out + 2 * NV, rowsum(a2), row_mask, 1)
+            emit(out + 3 * NV, rowsum(a3), row_mask, 1)
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, total, step,
@@ -353,9 +303,20 @@ def _tl_dtype(name: str) -> Any:
     return {"float16": tl.float16, "bfloat16": tl.bfloat16, "float32": tl.float32}[name]
 
 
-def _check_cfg(cfg: GemvConfig, k: int, group: int) -> None:
-    if k % (cfg.groups_per_block * group):
-        raise ValueError(f"K={k} is not a multiple of groups_per_block·group = {cfg.groups_per_block * group}")
+def _words(cfg: GemvConfig, group: int) -> bool:
+    """Whether to read W_q by int32 words: asked for, and a group holds a power of two ≥ 2 of words."""
+    return cfg.words and group >= 8 and group & (group - 1) == 0
+
+
+def _fit(cfg: GemvConfig, k: int, group: int) -> GemvConfig:
+    """``cfg`` with groups_per_block halved until a K step divides K (small test models); K must hold whole
+    groups."""
+    if k % group:
+        raise ValueError(f"K={k} is not a multiple of the group size {group}")
+    gpb = cfg.groups_per_block
+    while (k // group) % gpb:
+        gpb //= 2
+    return cfg if gpb == cfg.groups_per_block else dataclasses.replace(cfg, groups_per_block=gpb)
 
 
 # ------------------------------------------------------------------------------------------- public API
@@ -401,8 +362,7 @@ def _launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tenso
     hdim, idim, g, bits = lay.hidden, lay.inter, lay.group_size, lay.bits
     vals = lay.vals
     x = x.contiguous()
-    _check_cfg(gu, hdim, g)
-    _check_cfg(dn, idim, g)
+    gu, dn = _fit(gu, hdim, g), _fit(dn, idim, g)
     h = torch.empty((m * topk, idim), device=x.device, dtype=torch.float32)
     split = dn.split_k > 1
     y = torch.empty((m, hdim), device=x.device, dtype=torch.float32 if split else x.dtype) if split or out is None \
@@ -422,12 +382,12 @@ def _launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tenso
         return _finish(x, y, out, split)
     _gate_up_kernel[grid1](x, base, slots, stride, h, y, m * hdim, o[0], o[1], o[2], o[3], o[4], o[5],
                            hdim, idim, g, bits, topk, indirect, split_zero, wdt,
-                           BN=gu.block_n, GPB=gu.groups_per_block, num_warps=gu.num_warps,
+                           BN=gu.block_n, GPB=gu.groups_per_block, WORDS=_words(gu, g), num_warps=gu.num_warps,
                            num_stages=gu.num_stages)
     grid2 = (triton.cdiv(hdim // vals, dn.block_n), dn.split_k, m)
     _down_kernel[grid2](h, base, slots, stride, w, y, o[6], o[7], o[8], hdim, idim, g, bits, topk,
                         indirect, dn.split_k, wdt, BN=dn.block_n, GPB=dn.groups_per_block,
-                        num_warps=dn.num_warps, num_stages=dn.num_stages)
+                        WORDS=_words(dn, g), num_warps=dn.num_warps, num_stages=dn.num_stages)
     return _finish(x, y, out, split)
 
 
@@ -445,11 +405,12 @@ def packed_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, zero:
     """x [M, K] @ W.T for one hqq u8-packed (axis=1) matrix W [N, K] on CUDA (e.g. 4-bit attention)."""
     n, k = shape
     cfg = cfg or LINEAR
-    _check_cfg(cfg, k, group_size)
+    cfg = _fit(cfg, k, group_size)
     y = torch.empty((x.shape[0], n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n // (8 // bits), cfg.block_n), x.shape[0])
     _linear_kernel[grid](x.contiguous(), w_q, scale, zero, y, n, k, group_size, bits, BN=cfg.block_n,
-                         GPB=cfg.groups_per_block, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         GPB=cfg.groups_per_block, WORDS=_words(cfg, group_size), num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
     return y
 
 

@@ -26,7 +26,7 @@ if gk.HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from coordinator.gpu_kernels import _emit, _x_tile
+    from coordinator.gemv_steps import emit, rowsum, x_tile, xw_tile
 
     @triton.jit
     def _eighth(lo, hi, s_ptr, z_ptr, gi0, gmask, x3, acc, V: tl.constexpr, NVG: tl.constexpr):
@@ -66,12 +66,75 @@ if gk.HAVE_TRITON:
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
-    def _rowsum(a):
-        return tl.sum(tl.sum(a, axis=2), axis=1)
+    def _field3(lo, hs, s_e, zs, E: tl.constexpr):
+        """(q − zero)·scale with q = lo + 4·hi: lo's field at bits E..E+1, hs's (hi shifted into place) at E+2,
+        or-ed into 2^23's mantissa (as ``gpu_kernels._field``)."""
+        qf = ((lo & (3 << E)) | (hs & (4 << E)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return qf * s_e - zs
+
+    @triton.jit
+    def _weighth(lo0, lo16, h0, h16, s_ptr, z_ptr, gi0, gmask, xs0, xs1, xs2, xs3, acc,
+                 V: tl.constexpr, NVG: tl.constexpr):
+        """``_eighth`` from int32 words: lo0/lo16 hold lo's bytes 0-1/2-3, h0/h16 hi's, shifted left by
+        1 + V mod 2 so that hi's bit 7 − V lands just above lo's field; byte b multiplies xs_b."""
+        gi = gi0 + V * NVG
+        s = tl.load(s_ptr + gi, mask=gmask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + gi, mask=gmask, other=0).to(tl.float32)
+        E: tl.constexpr = 6 - 2 * (V // 2)
+        s_lo = (s * (1.0 / (1 << E)))[:, :, None]
+        s_hi = s_lo * (1.0 / 256.0)
+        zs = (z * s)[:, :, None]
+        acc += _field3(lo0, h0, s_lo, zs, E) * xs0
+        acc += _field3(lo0, h0, s_hi, zs, E + 8) * xs1
+        acc += _field3(lo16, h16, s_lo, zs, E) * xs2
+        return acc + _field3(lo16, h16, s_hi, zs, E + 8) * xs3
+
+    @triton.jit
+    def _wstep(lo_ptr, hi_ptr, s_ptr, z_ptr, xs0, xs1, xs2, xs3, rows, row_mask, kb,
+               a0, a1, a2, a3, a4, a5, a6, a7, NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+               GPB: tl.constexpr):
+        """``_step`` on int32 words (GemvConfig.words): K/4 words per row, word j of group g = bytes 4j..4j+3."""
+        G: tl.constexpr = K // GROUP
+        GW: tl.constexpr = GROUP // 4
+        g = kb * GPB + tl.arange(0, GPB)
+        off = rows[:, None, None] * (K // 4) + g[None, :, None] * GW + tl.arange(0, GW)[None, None, :]
+        m3 = row_mask[:, None, None]
+        lo_w = lo_ptr.to(tl.pointer_type(tl.int32))
+        even = tl.load(lo_w + off, mask=m3, other=0)
+        odd = tl.load(lo_w + off + NV * (K // 4), mask=m3, other=0)
+        hi = tl.load(hi_ptr.to(tl.pointer_type(tl.int32)) + off, mask=m3, other=0)
+        even16, odd16, hi16 = even >> 16, odd >> 16, hi >> 16
+        he, he16, ho, ho16 = hi << 1, hi16 << 1, hi << 2, hi16 << 2
+        gi0 = rows[:, None] * G + g[None, :]
+        gm = row_mask[:, None]
+        a0 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a0, 0, NV * G)
+        a1 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a1, 1, NV * G)
+        a2 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a2, 2, NV * G)
+        a3 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a3, 3, NV * G)
+        a4 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a4, 4, NV * G)
+        a5 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a5, 5, NV * G)
+        a6 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a6, 6, NV * G)
+        a7 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a7, 7, NV * G)
+        return a0, a1, a2, a3, a4, a5, a6, a7
+
+    @triton.jit
+    def _kstep(lo_ptr, hi_ptr, s_ptr, z_ptr, x_ptr, rows, row_mask, kb, a0, a1, a2, a3, a4, a5, a6, a7,
+               NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
+        """One K step of W·x[x_ptr] for one matrix, by words or by bytes."""
+        if WORDS:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _wstep(
+                lo_ptr, hi_ptr, s_ptr, z_ptr, xw_tile(x_ptr, kb, 0, GROUP, GPB), xw_tile(x_ptr, kb, 1, GROUP, GPB),
+                xw_tile(x_ptr, kb, 2, GROUP, GPB), xw_tile(x_ptr, kb, 3, GROUP, GPB), rows, row_mask, kb,
+                a0, a1, a2, a3, a4, a5, a6, a7, NV, K, GROUP, GPB)
+        else:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _step(lo_ptr, hi_ptr, s_ptr, z_ptr, x_tile(x_ptr, kb, GROUP, GPB),
+                                                   rows, row_mask, kb, a0, a1, a2, a3, a4, a5, a6, a7,
+                                                   NV, K, GROUP, GPB)
+        return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
     def _silu_mul_store(out, g, u, row_mask):
-        a, b = _rowsum(g), _rowsum(u)
+        a, b = rowsum(g), rowsum(u)
         tl.store(out, a / (1.0 + tl.exp(-a)) * b, mask=row_mask)
 
     @triton.jit
@@ -80,7 +143,7 @@ if gk.HAVE_TRITON:
                         OQ3: tl.constexpr, OH3: tl.constexpr, OS3: tl.constexpr, OZ3: tl.constexpr,
                         H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr,
                         INDIRECT: tl.constexpr, ZERO_OUT: tl.constexpr, WDT: tl.constexpr,
-                        BN: tl.constexpr, GPB: tl.constexpr):
+                        BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
         """h[p, :] = silu(w1 x) * (w3 x) for pair p = program_id(1) (token p // TOPK, slot slots[p])."""
         NV: tl.constexpr = I // 8
         pid_n = tl.program_id(0)
@@ -96,15 +159,14 @@ if gk.HAVE_TRITON:
         x_row = x_ptr + (pair // TOPK) * H
         rows = pid_n * BN + tl.arange(0, BN)
         row_mask = rows < NV
-        z = tl.zeros([BN, GPB, GROUP], tl.float32)
+        z = tl.zeros([BN, GPB, GROUP // 4 if WORDS else GROUP], tl.float32)
         g0, g1, g2, g3, g4, g5, g6, g7 = z, z, z, z, z, z, z, z
         u0, u1, u2, u3, u4, u5, u6, u7 = z, z, z, z, z, z, z, z
         for kb in range(0, H // (GPB * GROUP)):
-            x3 = _x_tile(x_row, kb, GROUP, GPB)
-            g0, g1, g2, g3, g4, g5, g6, g7 = _step(base + OQ1, base + OH1, s1, z1, x3, rows, row_mask, kb,
-                                                   g0, g1, g2, g3, g4, g5, g6, g7, NV, H, GROUP, GPB)
-            u0, u1, u2, u3, u4, u5, u6, u7 = _step(base + OQ3, base + OH3, s3, z3, x3, rows, row_mask, kb,
-                                                   u0, u1, u2, u3, u4, u5, u6, u7, NV, H, GROUP, GPB)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _kstep(base + OQ1, base + OH1, s1, z1, x_row, rows, row_mask, kb,
+                                                    g0, g1, g2, g3, g4, g5, g6, g7, NV, H, GROUP, GPB, WORDS)
+            u0, u1, u2, u3, u4, u5, u6, u7 = _kstep(base + OQ3, base + OH3, s3, z3, x_row, rows, row_mask, kb,
+                                                    u0, u1, u2, u3, u4, u5, u6, u7, NV, H, GROUP, GPB, WORDS)
         out = h_ptr + pair * I + rows
         _silu_mul_store(out, g0, u0, row_mask)
         _silu_mul_store(out + NV, g1, u1, row_mask)
@@ -120,7 +182,7 @@ if gk.HAVE_TRITON:
                      OQ: tl.constexpr, OH: tl.constexpr, OS: tl.constexpr, OZ: tl.constexpr,
                      H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr,
                      INDIRECT: tl.constexpr, SPLIT_K: tl.constexpr, WDT: tl.constexpr,
-                     BN: tl.constexpr, GPB: tl.constexpr):
+                     BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
         """y[m] (+)= Σ_t weight[m, t] · w2_slot(m,t) · h[m·TOPK + t]; program (rows, K split, token m)."""
         NV: tl.constexpr = H // 8
         NKB: tl.constexpr = I // (GPB * GROUP)
@@ -139,29 +201,28 @@ if gk.HAVE_TRITON:
                 base = base_ptr + tl.load(slots_ptr + pair).to(tl.int64) * slot_stride
                 wt = tl.load(w_ptr + pair).to(tl.float32)
             s, z = (base + OS).to(tl.pointer_type(WDT)), (base + OZ).to(tl.pointer_type(WDT))
-            za = tl.zeros([BN, GPB, GROUP], tl.float32)
+            za = tl.zeros([BN, GPB, GROUP // 4 if WORDS else GROUP], tl.float32)
             a0, a1, a2, a3, a4, a5, a6, a7 = za, za, za, za, za, za, za, za
             for kb in range(pid_k, NKB, SPLIT_K):
-                x3 = _x_tile(h_ptr + pair * I, kb, GROUP, GPB)
-                a0, a1, a2, a3, a4, a5, a6, a7 = _step(base + OQ, base + OH, s, z, x3, rows, row_mask, kb,
-                                                       a0, a1, a2, a3, a4, a5, a6, a7, NV, I, GROUP, GPB)
-            o0 += wt * _rowsum(a0)
-            o1 += wt * _rowsum(a1)
-            o2 += wt * _rowsum(a2)
-            o3 += wt * _rowsum(a3)
-            o4 += wt * _rowsum(a4)
-            o5 += wt * _rowsum(a5)
-            o6 += wt * _rowsum(a6)
-            o7 += wt * _rowsum(a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = _kstep(base + OQ, base + OH, s, z, h_ptr + pair * I, rows, row_mask,
+                                                        kb, a0, a1, a2, a3, a4, a5, a6, a7, NV, I, GROUP, GPB, WORDS)
+            o0 += wt * rowsum(a0)
+            o1 += wt * rowsum(a1)
+            o2 += wt * rowsum(a2)
+            o3 += wt * rowsum(a3)
+            o4 += wt * rowsum(a4)
+            o5 += wt * rowsum(a5)
+            o6 += wt * rowsum(a6)
+            o7 += wt * rowsum(a7)
         out = y_ptr + m * H + rows
-        _emit(out, o0, row_mask, SPLIT_K)
-        _emit(out + NV, o1, row_mask, SPLIT_K)
-        _emit(out + 2 * NV, o2, row_mask, SPLIT_K)
-        _emit(out + 3 * NV, o3, row_mask, SPLIT_K)
-        _emit(out + 4 * NV, o4, row_mask, SPLIT_K)
-        _emit(out + 5 * NV, o5, row_mask, SPLIT_K)
-        _emit(out + 6 * NV, o6, row_mask, SPLIT_K)
-        _emit(out + 7 * NV, o7, row_mask, SPLIT_K)
+        emit(out, o0, row_mask, SPLIT_K)
+        emit(out + NV, o1, row_mask, SPLIT_K)
+        emit(out + 2 * NV, o2, row_mask, SPLIT_K)
+        emit(out + 3 * NV, o3, row_mask, SPLIT_K)
+        emit(out + 4 * NV, o4, row_mask, SPLIT_K)
+        emit(out + 5 * NV, o5, row_mask, SPLIT_K)
+        emit(out + 6 * NV, o6, row_mask, SPLIT_K)
+        emit(out + 7 * NV, o7, row_mask, SPLIT_K)
 
     @triton.jit
     def _dequant_kernel(lo_ptr, hi_ptr, s_ptr, z_ptr, w_ptr, total, step,
@@ -189,11 +250,11 @@ def launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tensor
     grid1 = (triton.cdiv(idim // 8, gu.block_n), m * topk)
     _gate_up_kernel[grid1](x, base, slots, stride, h, y, m * hdim, o[0], oh[0], o[1], o[2], o[3], oh[1], o[4], o[5],
                            hdim, idim, g, topk, indirect, zero_out, wdt, BN=gu.block_n, GPB=gu.groups_per_block,
-                           num_warps=gu.num_warps, num_stages=gu.num_stages)
+                           WORDS=gk._words(gu, g), num_warps=gu.num_warps, num_stages=gu.num_stages)
     grid2 = (triton.cdiv(hdim // 8, dn.block_n), dn.split_k, m)
     _down_kernel[grid2](h, base, slots, stride, w, y, o[6], oh[2], o[7], o[8], hdim, idim, g, topk, indirect,
-                        dn.split_k, wdt, BN=dn.block_n, GPB=dn.groups_per_block, num_warps=dn.num_warps,
-                        num_stages=dn.num_stages)
+                        dn.split_k, wdt, BN=dn.block_n, GPB=dn.groups_per_block, WORDS=gk._words(dn, g),
+                        num_warps=dn.num_warps, num_stages=dn.num_stages)
 
 
 def dequantize(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

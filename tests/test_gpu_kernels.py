@@ -60,9 +60,19 @@ _CHECK = textwrap.dedent("""
                 ref2 = 0.7 * refs[2] + 0.3 * refs[0]
                 worst = max(worst, rel(gk.moe_ffn(x, slab, slots, wts, lay), ref2))
                 if lay.fused and m <= gk.GEMV_MAX_TOKENS:
-                    cfgs = (gk.GemvConfig(4, 1, 2, 2, 2), gk.GemvConfig(8, 2, 4, 4, 3))  # split-K: atomics
-                    for cfg in cfgs[:1] if quick else cfgs:
+                    cfgs = (gk.GemvConfig(4, 1, 2, 2, 2), gk.GemvConfig(4, 1, 2, 2, 2, words=True),
+                            gk.GemvConfig(8, 2, 4, 4, 3), gk.GemvConfig(8, 2, 4, 4, 3, words=True))  # split-K: atomics
+                    for cfg in cfgs[:2] if quick else cfgs:
                         worst = max(worst, rel(gk.moe_ffn(x, slab, slots, wts, lay, gate_up=cfg, down=cfg), ref2))
+    from bench.synth import quantized_random   # 4-bit attention projection, by bytes and by words
+    for bits in (4, 2):
+        pm = quantized_random(96, H, bits, dev, 3)
+        x = torch.randn(2, H, device=dev, dtype=getattr(torch, dtypes[0]))
+        ref = F.linear(x.float(), gk.dequantize(pm.w_q, pm.scale, pm.zero, pm.shape, bits, 64, f"{bits}bit_u8",
+                                                torch.float32))
+        for words in (False, True):
+            cfg = gk.GemvConfig(4, 1, 1, 2, 2, words=words)
+            worst = max(worst, rel(gk.packed_linear(x, pm.w_q, pm.scale, pm.zero, pm.shape, bits, 64, cfg), ref))
     print("WORST", worst)
     assert worst < 1e-2, worst
 """)
