@@ -20,6 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def quarter(p, s_ptr, z_ptr, gi0, gmask, x3, acc, QI: tl.constexpr, NVG: tl.constexpr, BITS: tl.constexpr):
     """acc[BN, GPB, GROUP] += dequant(quarter QI of bytes p) · x for output rows n' + QI·N/V.
@@ -32,6 +33,7 @@ def quarter(p, s_ptr, z_ptr, gi0, gmask, x3, acc, QI: tl.constexpr, NVG: tl.cons
     qf = (((p >> SH) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     w = qf * s[:, :, None] - (z * s)[:, :, None]
     return acc + w * x3
+
 
 @triton.jit
 def qstep(q_ptr, s_ptr, z_ptr, x3, rows, row_mask, kb, a0, a1, a2, a3,
@@ -54,12 +56,14 @@ def qstep(q_ptr, s_ptr, z_ptr, x3, rows, row_mask, kb, a0, a1, a2, a3,
         a3 = quarter(p, s_ptr, z_ptr, gi0, gmask, x3, a3, 3, NV * G, BITS)
     return a0, a1, a2, a3
 
+
 @triton.jit
 def field(src, s_e, zs, E: tl.constexpr, MASK: tl.constexpr):
     """(q − zero)·scale for the field at bits E.. of ``src``: masked and or-ed into 2^23's mantissa, it reads
     as q·2^E after one FADD, and ``s_e`` = scale·2^-E undoes the power of two exactly."""
     qf = ((src & (MASK << E)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     return qf * s_e - zs
+
 
 @triton.jit
 def wquarter(t0, t16, s_ptr, z_ptr, gi0, gmask, xs0, xs1, xs2, xs3, acc,
@@ -78,6 +82,7 @@ def wquarter(t0, t16, s_ptr, z_ptr, gi0, gmask, xs0, xs1, xs2, xs3, acc,
     acc += field(t0, s_hi, zs, SH + 8, MASK) * xs1
     acc += field(t16, s_lo, zs, SH, MASK) * xs2
     return acc + field(t16, s_hi, zs, SH + 8, MASK) * xs3
+
 
 @triton.jit
 def wstep(q_ptr, s_ptr, z_ptr, xs0, xs1, xs2, xs3, rows, row_mask, kb, a0, a1, a2, a3,
@@ -101,12 +106,14 @@ def wstep(q_ptr, s_ptr, z_ptr, xs0, xs1, xs2, xs3, rows, row_mask, kb, a0, a1, a
         a3 = wquarter(w, t16, s_ptr, z_ptr, gi0, gmask, xs0, xs1, xs2, xs3, a3, 3, NV * G, BITS)
     return a0, a1, a2, a3
 
+
 @triton.jit
 def xw_tile(x_ptr, kb, B: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr):
     """x[g·GROUP + 4j + B] as [1, GPB, GROUP/4]: the activations byte B of each word multiplies."""
     g = kb * GPB + tl.arange(0, GPB)
     j = tl.arange(0, GROUP // 4)
     return tl.load(x_ptr + g[:, None] * GROUP + 4 * j[None, :] + B).to(tl.float32)[None, :, :]
+
 
 @triton.jit
 def kstep(q_ptr, s_ptr, z_ptr, x_ptr, rows, row_mask, kb, a0, a1, a2, a3, NV: tl.constexpr,
@@ -123,10 +130,12 @@ def kstep(q_ptr, s_ptr, z_ptr, x_ptr, rows, row_mask, kb, a0, a1, a2, a3, NV: tl
                                 a0, a1, a2, a3, NV, K, GROUP, BITS, BN, GPB)
     return a0, a1, a2, a3
 
+
 @triton.jit
 def x_tile(x_ptr, kb, GROUP: tl.constexpr, GPB: tl.constexpr):
     g = kb * GPB + tl.arange(0, GPB)
     return tl.load(x_ptr + g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]).to(tl.float32)[None, :, :]
+
 
 @triton.jit
 def zeros4(BN: tl.constexpr, GPB: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr):
@@ -144,9 +153,11 @@ def zeros4(BN: tl.constexpr, GPB: tl.constexpr, GROUP: tl.constexpr, BITS: tl.co
         a3 = tl.zeros([1, 1, 1], tl.float32)
     return a0, a1, a2, a3
 
+
 @triton.jit
 def rowsum(a):
     return tl.sum(tl.sum(a, axis=2), axis=1)
+
 
 @triton.jit
 def emit(ptr, val, mask, SPLIT_K: tl.constexpr):

@@ -97,13 +97,6 @@ def _is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     return act is F.silu or type(act).__name__ in ("SiLU", "SiLUActivation")
 
 
-def gemv_reads(layout: gk.PackedLayout) -> bool:
-    """Whether the fused GEMV kernels read ``layout`` with their launch shapes (K a multiple of their step)."""
-    gate_up, down = gk.configs_for(layout)
-    return (layout.fused and layout.hidden % (gate_up.groups_per_block * layout.group_size) == 0
-            and layout.inter % (down.groups_per_block * layout.group_size) == 0)
-
-
 def select_path(device: torch.device, act: Callable[[torch.Tensor], torch.Tensor],
                 manifests: Mapping[ExpertKey, ExpertManifest]) -> MoePath:
     """The fastest path for this device, activation and expert format; hqq's wherever the kernels do not
@@ -116,7 +109,7 @@ def select_path(device: torch.device, act: Callable[[torch.Tensor], torch.Tensor
     layout = layouts.pop()
     if not layout.fused and layout.bits != 16:  # no GEMV kernel, but hqq's torch dequantize is slower
         return MoePath("dequant", dequant_expert_ffn)
-    return MoePath("gemv_layer", gemv_expert_ffn, layout) if gemv_reads(layout) else HQQ_PATH
+    return MoePath("gemv_layer", gemv_expert_ffn, layout) if layout.fused else HQQ_PATH
 
 
 @dataclass

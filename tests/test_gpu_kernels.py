@@ -88,6 +88,19 @@ def _run_check(device: str, hidden: int, inter: int, dtypes: str, interpret: boo
     return proc.stdout
 
 
+def test_launch_shapes_narrow_to_small_k() -> None:
+    """A K step larger than K (a small model under Mixtral-tuned shapes) halves until it divides K, and the
+    GEMV paths stay on; K that is not whole groups is refused."""
+    from coordinator import gpu_kernels as gk
+
+    cfg = gk.GemvConfig(block_n=8, groups_per_block=8, words=True)
+    assert gk._fit(cfg, 4096, 64) is cfg
+    assert gk._fit(cfg, 256, 64) == gk.GemvConfig(block_n=8, groups_per_block=4, words=True)
+    assert gk._fit(cfg, 192, 64).groups_per_block == 1                  # 3 groups
+    with pytest.raises(ValueError, match="group size"):
+        gk._fit(cfg, 200, 64)
+
+
 def test_kernels_match_hqq_in_triton_interpreter() -> None:
     """Same kernels, CPU interpreter: 2/3/4-bit fused GEMV (direct, slot-indirect, split-K), dequantize."""
     pytest.importorskip("triton")
