@@ -37,8 +37,8 @@ def quarter(p, s_ptr, z_ptr, gi0, gmask, x3, acc, QI: tl.constexpr, NVG: tl.cons
 
 @triton.jit
 def qstep(q_ptr, s_ptr, z_ptr, x3, rows, row_mask, kb, a0, a1, a2, a3,
-           NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-           BN: tl.constexpr, GPB: tl.constexpr):
+          NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+          BN: tl.constexpr, GPB: tl.constexpr):
     """One K step (GPB groups) of W·x for BN packed rows, all V = 8/BITS quarters (a0..a3)."""
     V: tl.constexpr = 8 // BITS
     G: tl.constexpr = K // GROUP
@@ -67,7 +67,7 @@ def field(src, s_e, zs, E: tl.constexpr, MASK: tl.constexpr):
 
 @triton.jit
 def wquarter(t0, t16, s_ptr, z_ptr, gi0, gmask, xs0, xs1, xs2, xs3, acc,
-              QI: tl.constexpr, NVG: tl.constexpr, BITS: tl.constexpr):
+             QI: tl.constexpr, NVG: tl.constexpr, BITS: tl.constexpr):
     """acc[BN, GPB, GROUP/4] += quarter QI of the 4 bytes of each word (t0: bytes 0-1 at bits 0-15, t16:
     bytes 2-3), byte b against x[4j + b] (xs0..xs3)."""
     gi = gi0 + QI * NVG
@@ -86,8 +86,8 @@ def wquarter(t0, t16, s_ptr, z_ptr, gi0, gmask, xs0, xs1, xs2, xs3, acc,
 
 @triton.jit
 def wstep(q_ptr, s_ptr, z_ptr, xs0, xs1, xs2, xs3, rows, row_mask, kb, a0, a1, a2, a3,
-           NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-           BN: tl.constexpr, GPB: tl.constexpr):
+          NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+          BN: tl.constexpr, GPB: tl.constexpr):
     """``qstep`` on int32 words: W_q row n' holds K/4 words, word j of group g = bytes 4j..4j+3."""
     V: tl.constexpr = 8 // BITS
     G: tl.constexpr = K // GROUP
@@ -117,17 +117,17 @@ def xw_tile(x_ptr, kb, B: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr):
 
 @triton.jit
 def kstep(q_ptr, s_ptr, z_ptr, x_ptr, rows, row_mask, kb, a0, a1, a2, a3, NV: tl.constexpr,
-           K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr,
-           WORDS: tl.constexpr):
+          K: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr,
+          WORDS: tl.constexpr):
     """One K step of W·x[x_ptr], by words or by bytes (one matrix per x tile)."""
     if WORDS:
         a0, a1, a2, a3 = wstep(q_ptr, s_ptr, z_ptr, xw_tile(x_ptr, kb, 0, GROUP, GPB),
-                                xw_tile(x_ptr, kb, 1, GROUP, GPB), xw_tile(x_ptr, kb, 2, GROUP, GPB),
-                                xw_tile(x_ptr, kb, 3, GROUP, GPB), rows, row_mask, kb, a0, a1, a2, a3,
-                                NV, K, GROUP, BITS, BN, GPB)
+                               xw_tile(x_ptr, kb, 1, GROUP, GPB), xw_tile(x_ptr, kb, 2, GROUP, GPB),
+                               xw_tile(x_ptr, kb, 3, GROUP, GPB), rows, row_mask, kb, a0, a1, a2, a3,
+                               NV, K, GROUP, BITS, BN, GPB)
     else:
         a0, a1, a2, a3 = qstep(q_ptr, s_ptr, z_ptr, x_tile(x_ptr, kb, GROUP, GPB), rows, row_mask, kb,
-                                a0, a1, a2, a3, NV, K, GROUP, BITS, BN, GPB)
+                               a0, a1, a2, a3, NV, K, GROUP, BITS, BN, GPB)
     return a0, a1, a2, a3
 
 

@@ -143,10 +143,11 @@ class PackedLayout:
 
     @property
     def fused(self) -> bool:
-        """Whether the Triton GEMV kernels read this layout directly."""
-        vals = self.vals
-        return (vals > 0 and self.hidden % vals == 0 and self.inter % vals == 0
-                and self.hidden % self.group_size == 0 and self.inter % self.group_size == 0)
+        """Whether the Triton GEMV kernels read this layout directly: whole groups along K, of a power-of-two
+        size (a tile's group axis is a Triton range)."""
+        vals, g = self.vals, self.group_size
+        return (vals > 0 and self.hidden % vals == 0 and self.inter % vals == 0 and g > 0 and g & (g - 1) == 0
+                and self.hidden % g == 0 and self.inter % g == 0)
 
 
 def configs_for(layout: PackedLayout) -> tuple[GemvConfig, GemvConfig]:
@@ -189,15 +190,15 @@ if HAVE_TRITON:
                 xs0, xs1 = xw_tile(x_row, kb, 0, GROUP, GPB), xw_tile(x_row, kb, 1, GROUP, GPB)
                 xs2, xs3 = xw_tile(x_row, kb, 2, GROUP, GPB), xw_tile(x_row, kb, 3, GROUP, GPB)
                 g0, g1, g2, g3 = wstep(q1, s1, z1, xs0, xs1, xs2, xs3, rows, row_mask, kb, g0, g1, g2, g3,
-                                        NV, H, GROUP, BITS, BN, GPB)
+                                       NV, H, GROUP, BITS, BN, GPB)
                 u0, u1, u2, u3 = wstep(q3, s3, z3, xs0, xs1, xs2, xs3, rows, row_mask, kb, u0, u1, u2, u3,
-                                        NV, H, GROUP, BITS, BN, GPB)
+                                       NV, H, GROUP, BITS, BN, GPB)
             else:
                 x3 = x_tile(x_row, kb, GROUP, GPB)
                 g0, g1, g2, g3 = qstep(q1, s1, z1, x3, rows, row_mask, kb, g0, g1, g2, g3, NV, H, GROUP, BITS,
-                                        BN, GPB)
+                                       BN, GPB)
                 u0, u1, u2, u3 = qstep(q3, s3, z3, x3, rows, row_mask, kb, u0, u1, u2, u3, NV, H, GROUP, BITS,
-                                        BN, GPB)
+                                       BN, GPB)
         out = h_ptr + pair * I + rows
         a, b = rowsum(g0), rowsum(u0)
         tl.store(out, a / (1.0 + tl.exp(-a)) * b, mask=row_mask)
@@ -240,7 +241,7 @@ if HAVE_TRITON:
             a0, a1, a2, a3 = zeros4(BN, GPB, GROUP // 4 if WORDS else GROUP, BITS)
             for kb in range(pid_k, NKB, SPLIT_K):
                 a0, a1, a2, a3 = kstep(q, s, z, h_ptr + pair * I, rows, row_mask, kb, a0, a1, a2, a3,
-                                        NV, I, GROUP, BITS, BN, GPB, WORDS)
+                                       NV, I, GROUP, BITS, BN, GPB, WORDS)
             o0 += wt * rowsum(a0)
             if V >= 2:
                 o1 += wt * rowsum(a1)
@@ -269,7 +270,7 @@ if HAVE_TRITON:
         a0, a1, a2, a3 = zeros4(BN, GPB, GROUP // 4 if WORDS else GROUP, BITS)
         for kb in range(0, K // (GPB * GROUP)):
             a0, a1, a2, a3 = kstep(q_ptr, s_ptr, z_ptr, x_ptr + m * K, rows, row_mask, kb, a0, a1, a2, a3,
-                                    NV, K, GROUP, BITS, BN, GPB, WORDS)
+                                   NV, K, GROUP, BITS, BN, GPB, WORDS)
         out = y_ptr + m * N + rows
         emit(out, rowsum(a0), row_mask, 1)
         if V >= 2:

@@ -21,12 +21,13 @@ CUDA = torch.device("cuda")
 
 
 @lru_cache(maxsize=None)
-def _manifests(bits: int, hidden: int = 256, inter: int = 512, n: int = 2) -> dict[ExpertKey, ExpertManifest]:
+def _manifests(bits: int, hidden: int = 256, inter: int = 512, n: int = 2, group: int = 64
+               ) -> dict[ExpertKey, ExpertManifest]:
     torch.manual_seed(0)
     out = {}
     for e in range(n):
         w = {"w1": torch.randn(inter, hidden), "w3": torch.randn(inter, hidden), "w2": torch.randn(hidden, inter)}
-        _, m = pack_expert(ExpertKey(0, e), w, QuantSpec(bits, 64) if bits != 16 else QuantSpec(16))
+        _, m = pack_expert(ExpertKey(0, e), w, QuantSpec(bits, group) if bits != 16 else QuantSpec(16))
         out[ExpertKey(0, e)] = m
     return out
 
@@ -43,6 +44,10 @@ def test_cuda_u8_silu_layout_takes_the_layer_kernel() -> None:
     assert three.name == "gemv_layer" and three.layout is not None and three.layout.hi_offsets
     hqq_own = select_path(CUDA, F.silu, _as_hqq_3bit_32(_manifests(3)))  # no GEMV reads it: Triton dequantize
     assert hqq_own.name == "dequant" and hqq_own.expert_fn is dequant_expert_ffn and hqq_own.layout is None
+    # groups of 48: a GEMV tile's group axis must be a power of two, so the Triton dequantize + cuBLAS serves
+    assert select_path(CUDA, F.silu, _manifests(2, hidden=96, inter=192, group=48)).name == "dequant"
+    # K of one group: the launch shapes' K step narrows to it (gpu_kernels._fit)
+    assert select_path(CUDA, F.silu, _manifests(2, hidden=64, inter=128)).name == "gemv_layer"
 
 
 def _as_hqq_3bit_32(manifests: dict[ExpertKey, ExpertManifest]) -> dict[ExpertKey, ExpertManifest]:
@@ -59,8 +64,6 @@ def test_everything_else_keeps_hqq() -> None:
     assert select_path(torch.device("cpu"), F.silu, two_bit) is HQQ_PATH  # CPU: the exactness reference
     assert select_path(CUDA, F.gelu, two_bit) is HQQ_PATH  # the kernels fuse SiLU only
     assert select_path(CUDA, F.silu, _manifests(16)) is HQQ_PATH  # unquantized
-    # hidden 64 is not a multiple of the kernels' K step (2 groups of 64): would raise inside the launch
-    assert select_path(CUDA, F.silu, _manifests(2, hidden=64, inter=128)) is HQQ_PATH
     mixed = {**_manifests(2), ExpertKey(0, 7): next(iter(_manifests(4).values()))}
     assert select_path(CUDA, F.silu, mixed) is HQQ_PATH  # one layout must serve every arena row
 
