@@ -90,8 +90,8 @@ def _run_check(device: str, hidden: int, inter: int, dtypes: str, interpret: boo
 
 
 def test_launch_shapes_narrow_to_small_k() -> None:
-    """A K step larger than K (a small model under Mixtral-tuned shapes) halves until it divides K, and the
-    GEMV paths stay on; K that is not whole groups is refused."""
+    """A K step larger than K (a small model under Mixtral-tuned shapes) halves until it divides K; K that is
+    not whole groups is refused. (test_fast_paths: such a model still takes the GEMV path.)"""
     from coordinator import gpu_kernels as gk
 
     cfg = gk.GemvConfig(block_n=8, groups_per_block=8, words=True)
