@@ -11,7 +11,9 @@ and lo (n, k), (n + NV, k) (output row n + v·NV is lo's row n + (v mod 2)·NV, 
 read once and a tile computes 8·BN outputs, as the u8 kernels of ``coordinator.gpu_kernels`` do with 8/bits,
 and like them with one accumulator per output row set, unrolled, and constant shifts. (The 8 rows as one
 tensor axis, [BN, 8, GPB, g], took 0.59 ms for two Mixtral experts on the H200: the broadcast of each loaded
-byte over that axis costs more than the arithmetic.)
+byte over that axis costs more than the arithmetic.) By words (``GemvConfig.words``, the default), each plane
+is read as int32 words of four k, and the high plane's word is shifted left by 1 + v mod 2 so its bit lands
+just above the low plane's field: one more mask-or gives (lo + 4·hi)·2^e, as in ``coordinator.gemv_steps``.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ if gk.HAVE_TRITON:
     @triton.jit
     def _field3(lo, hs, s_e, zs, E: tl.constexpr):
         """(q − zero)·scale with q = lo + 4·hi: lo's field at bits E..E+1, hs's (hi shifted into place) at E+2,
-        or-ed into 2^23's mantissa (as ``gpu_kernels._field``)."""
+        or-ed into 2^23's mantissa (as ``gemv_steps.field``)."""
         qf = ((lo & (3 << E)) | (hs & (4 << E)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return qf * s_e - zs
 
