@@ -1,6 +1,6 @@
 """How few expert loads *any* cache could make on the benchmark's model: Belady's MIN against LRU (CPU).
 
-    python -m bench.cache_bound [--tokens 144] [--out bench/results/<date>-cpu-cache-bound.md]
+    python -m bench.cache_bound [--tokens 144] [--trace T.npy] [--out bench/results/<date>-cpu-cache-bound.md]
 
 The GPU benchmark's model (``bench.synth``: random Mixtral-8x7B-shaped weights, 2-bit experts from 4 templates,
 4-bit attention shared by the layers, teacher-forced inputs) is rebuilt here on the CPU from the same recipe.
@@ -12,7 +12,8 @@ position is the routing a token-by-token decode makes.
 Per layer, a cache of k slots meets the trace's top-2 experts step by step. LRU evicts the least recently
 used; Belady's MIN evicts the expert used again furthest in the future (never one the step needs), the fewest
 loads any replacement policy makes with k slots. A budget of S slots is spread over the layers by dynamic
-programming over the per-layer curves, for both policies: the best any planner could do.
+programming over the per-layer curves, for both policies: the best any planner could do. Beside them, the
+coordinator's own ``ExpertCache`` and ``SlotPlanner`` on the same trace (no prefetch).
 """
 
 from __future__ import annotations
@@ -118,6 +119,35 @@ def belady_misses(steps: np.ndarray, slots: int) -> int:
     return misses
 
 
+def coordinator_misses(trace: np.ndarray, total: int, skip: int, eviction: str = "lrfu", every: int = 32) -> int:
+    """Loads of the coordinator's own cache (``ExpertCache`` with ``eviction``, slots re-planned by
+    ``SlotPlanner`` every ``every`` steps, no prefetch) over ``trace`` [T, L, k] with ``total`` slots, counted
+    after the first ``skip`` steps."""
+    from coordinator.cache import ExpertCache, spread_slots
+    from coordinator.partition import SlotPlanner
+
+    steps, layers, top_k = trace.shape
+    cache = ExpertCache(layers, spread_slots(total, layers), 0, 1, torch.device("cpu"), eviction=eviction)
+    planner = SlotPlanner(layers, int(trace.max()) + 1, floor=top_k)
+    before = 0
+    for t in range(steps):
+        if t == skip:
+            before = cache.counters.misses
+        if t and t % every == 0:
+            cache.repartition(planner.plan(total))
+        for layer in range(layers):
+            used = sorted(set(trace[t, layer].tolist()))
+            planner.observe(layer, used)
+            todo = set(used)
+            for found in cache.lookup(layer, used):      # as ExpertRunner drives it: hits first, then misses
+                if found.buffer is not None:
+                    todo.discard(found.expert)
+            for e in sorted(todo):
+                cache.insert(layer, e, cache.take_victim(layer, todo), None)  # type: ignore[arg-type]
+                todo.discard(e)
+    return cache.counters.misses - before
+
+
 def best_spread(curves: list[list[int]], total: int, floor: int) -> tuple[int, list[int]]:
     """Fewest loads with ``total`` slots over the layers, each given ``floor``..len(curve)−1 slots, where
     curves[l][k] is layer l's loads with k slots (dynamic programming); returns (loads, slots per layer)."""
@@ -147,10 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=144, help="positions (the GPU run: 8 prompt + 8 warm-up + 128)")
     ap.add_argument("--skip", type=int, default=16, help="positions that warm the caches and are not counted")
     ap.add_argument("--budgets", default="91,164", help="total slots to spread (8 GB: 91, 12 GB: 164 in s8c)")
+    ap.add_argument("--trace", default="", help="a .npy routing trace: read when it exists, else written")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    trace = routing_trace(MIXTRAL_8X7B, a.tokens)
+    if a.trace and Path(a.trace).is_file():
+        trace = np.load(a.trace)
+    else:
+        trace = routing_trace(MIXTRAL_8X7B, a.tokens)
+        if a.trace:
+            np.save(a.trace, trace)
     E, counted = MIXTRAL_8X7B.experts, a.tokens - a.skip
     curves = {}
     for name, fn in (("lru", lru_misses), ("belady", belady_misses)):
@@ -169,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         (lru, lru_s), (bel, bel_s) = (best_spread(curves[n], total, 2) for n in ("lru", "belady"))
         lines.append(f"| {total} spread by DP | {1 - lru / uses:.3f} | {1 - bel / uses:.3f} | "
                      f"{lru / counted:.1f} | {bel / counted:.1f} |")
+        for eviction in ("lru", "lrfu"):
+            ours = coordinator_misses(trace, total, a.skip, eviction)
+            lines.append(f"|   the coordinator's cache, {eviction}, planned every 32 steps | {1 - ours / uses:.3f} | | "
+                         f"{ours / counted:.1f} | |")
         lines.append(f"|   Belady's spread | {bel_s} | | | |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -100,10 +100,12 @@ def test_belady_beats_lru_and_the_budget_goes_where_it_saves_most() -> None:
     at step 2 and loads it again at step 3; MIN evicts 2, used later. DP spreads 6 slots over two layers."""
     import numpy as np
 
-    from bench.cache_bound import belady_misses, best_spread, lru_misses
+    from bench.cache_bound import belady_misses, best_spread, coordinator_misses, lru_misses
 
     steps = np.array([[0, 1], [0, 2], [0, 3], [0, 1], [0, 2]])
     assert lru_misses(steps, 3) == 6
     assert belady_misses(steps, 3) == 5
     assert belady_misses(steps, 4) == lru_misses(steps, 4) == 4      # room for all: only the first loads
     assert best_spread([[0, 0, 5, 3, 1], [0, 0, 4, 4, 4]], 6, 2) == (5, [4, 2])
+    # the coordinator's own ExpertCache, one layer, never re-planned: the same loads as the reference LRU
+    assert coordinator_misses(steps[:, None, :], 3, 0, "lru", every=1000) == 6
