@@ -80,25 +80,26 @@ def routing_trace(shape: ModelShape, tokens: int, templates: int = 4, seed: int 
     return trace
 
 
-def lru_misses(steps: np.ndarray, slots: int) -> int:
-    """Loads of an LRU cache of ``slots`` experts over ``steps`` [T, k] (one layer)."""
+def lru_misses(steps: np.ndarray, slots: int, skip: int = 0) -> int:
+    """Loads of an LRU cache of ``slots`` experts over ``steps`` [T, k] (one layer), counted from step ``skip``."""
     order: list[int] = []
     misses = 0
-    for need in steps.tolist():
+    for t, need in enumerate(steps.tolist()):
         for e in need:
             if e in order:
                 order.remove(e)
             else:
-                misses += 1
+                misses += t >= skip
                 if len(order) + 1 > slots:
                     order.pop(next(i for i, x in enumerate(order) if x not in need))
             order.append(e)
     return misses
 
 
-def belady_misses(steps: np.ndarray, slots: int) -> int:
-    """Loads of Belady's MIN with ``slots`` experts over ``steps`` [T, k]: on a miss, evict the resident expert
-    used again furthest ahead (never one this step needs)."""
+def belady_misses(steps: np.ndarray, slots: int, skip: int = 0) -> int:
+    """Loads of Belady's MIN with ``slots`` experts over ``steps`` [T, k], counted from step ``skip``: on a miss,
+    evict the resident expert used again furthest ahead (never one this step needs). The warm-up steps run in
+    the same pass, since MIN's choices there depend on the steps after them."""
     uses: dict[int, list[int]] = {}
     for t, need in enumerate(steps.tolist()):
         for e in need:
@@ -109,7 +110,7 @@ def belady_misses(steps: np.ndarray, slots: int) -> int:
         for e in need:
             if e in resident:
                 continue
-            misses += 1
+            misses += t >= skip
             if len(resident) >= slots:
                 def next_use(x: int) -> int:
                     later = [u for u in uses[x] if u > t]
@@ -125,6 +126,7 @@ def coordinator_misses(trace: np.ndarray, total: int, skip: int, eviction: str =
     after the first ``skip`` steps."""
     from coordinator.cache import ExpertCache, spread_slots
     from coordinator.partition import SlotPlanner
+    from coordinator.replay import cache_step
 
     steps, layers, top_k = trace.shape
     cache = ExpertCache(layers, spread_slots(total, layers), 0, 1, torch.device("cpu"), eviction=eviction)
@@ -138,13 +140,7 @@ def coordinator_misses(trace: np.ndarray, total: int, skip: int, eviction: str =
         for layer in range(layers):
             used = sorted(set(trace[t, layer].tolist()))
             planner.observe(layer, used)
-            todo = set(used)
-            for found in cache.lookup(layer, used):      # as ExpertRunner drives it: hits first, then misses
-                if found.buffer is not None:
-                    todo.discard(found.expert)
-            for e in sorted(todo):
-                cache.insert(layer, e, cache.take_victim(layer, todo), None)  # type: ignore[arg-type]
-                todo.discard(e)
+            cache_step(cache, layer, used)
     return cache.counters.misses - before
 
 
@@ -190,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     E, counted = MIXTRAL_8X7B.experts, a.tokens - a.skip
     curves = {}
     for name, fn in (("lru", lru_misses), ("belady", belady_misses)):
-        curves[name] = [[0, 0] + [fn(trace[:, layer], k) - fn(trace[:a.skip, layer], k) for k in range(2, E + 1)]
+        curves[name] = [[0, 0] + [fn(trace[:, layer], k, a.skip) for k in range(2, E + 1)]
                         for layer in range(MIXTRAL_8X7B.layers)]
     uses = 2 * MIXTRAL_8X7B.layers * counted
     lines = ["# Expert loads per token: LRU against Belady's MIN (CPU sibling of the GPU model)", "",

@@ -91,6 +91,12 @@ def set_configs(gate_up: GemvConfig | None = None, down: GemvConfig | None = Non
     GATE_UP3, DOWN3 = gate_up3 or GATE_UP3, down3 or DOWN3
 
 
+def group_tiles(group: int) -> bool:
+    """Whether a GEMV tile can span a quantization group of ``group`` weights: its group axis is a Triton
+    range, so a power of two."""
+    return group > 0 and group & (group - 1) == 0
+
+
 @dataclass(frozen=True)
 class PackedLayout:
     """Where w1/w3/w2 live inside one packed expert buffer; identical for every expert of a model, so one
@@ -146,7 +152,7 @@ class PackedLayout:
         """Whether the Triton GEMV kernels read this layout directly: whole groups along K, of a power-of-two
         size (a tile's group axis is a Triton range)."""
         vals, g = self.vals, self.group_size
-        return (vals > 0 and self.hidden % vals == 0 and self.inter % vals == 0 and g > 0 and g & (g - 1) == 0
+        return (vals > 0 and self.hidden % vals == 0 and self.inter % vals == 0 and group_tiles(g)
                 and self.hidden % g == 0 and self.inter % g == 0)
 
 
@@ -306,7 +312,7 @@ def _tl_dtype(name: str) -> Any:
 
 def _words(cfg: GemvConfig, group: int) -> bool:
     """Whether to read W_q by int32 words: asked for, and a group holds a power of two ≥ 2 of words."""
-    return cfg.words and group >= 8 and group & (group - 1) == 0
+    return cfg.words and group >= 8 and group_tiles(group)
 
 
 def _fit(cfg: GemvConfig, k: int, group: int) -> GemvConfig:

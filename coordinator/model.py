@@ -128,9 +128,9 @@ class PackedLinear(nn.Module):
         if not (gk.HAVE_TRITON and hqq.W_q.is_cuda and meta.get("axis") == 1
                 and meta.get("packing") in ("2bit_u8", "4bit_u8", "8bit_u8") and not meta.get("view_as_float")):
             return False
-        n, k = meta["shape"]   # whole groups along K (gpu_kernels._fit narrows the K step), of 2^i weights
+        n, k = meta["shape"]   # whole groups along K (gpu_kernels._fit narrows the K step)
         g = meta["group_size"]
-        return n % (8 // meta["nbits"]) == 0 and k % g == 0 and g & (g - 1) == 0
+        return n % (8 // meta["nbits"]) == 0 and k % g == 0 and gk.group_tiles(g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]

@@ -10,9 +10,27 @@ from pathlib import Path
 
 import torch
 
+from coordinator.cache import ExpertCache
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Coordinator
 from expert_workers.source import ExpertSource
+
+
+def cache_step(cache: ExpertCache, layer: int, used: list[int]) -> None:
+    """One MoE step's cache bookkeeping in the order ExpertRunner keeps (resident and prefetched experts
+    first, then the misses into victims this step does not need), without moving any bytes: for replaying a
+    routing trace through the cache alone (tests/test_cache.py, bench/cache_bound.py)."""
+    todo = set(used)
+    found = cache.lookup(layer, used)
+    for f in found:
+        if f.buffer is not None:
+            todo.discard(f.expert)
+            if f.prefetched:
+                cache.promote(layer, f.expert, todo)
+    for f in found:
+        if f.buffer is None:
+            cache.insert(layer, f.expert, cache.take_victim(layer, todo), None)  # type: ignore[arg-type]
+            todo.discard(f.expert)
 
 
 def replay(ckpt: Path, source: ExpertSource, config: CoordinatorConfig,

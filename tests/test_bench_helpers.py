@@ -106,6 +106,7 @@ def test_belady_beats_lru_and_the_budget_goes_where_it_saves_most() -> None:
     assert lru_misses(steps, 3) == 6
     assert belady_misses(steps, 3) == 5
     assert belady_misses(steps, 4) == lru_misses(steps, 4) == 4      # room for all: only the first loads
+    assert lru_misses(steps, 3, skip=3) == 2 and belady_misses(steps, 3, skip=3) == 1   # steps 3 and 4 only
     assert best_spread([[0, 0, 5, 3, 1], [0, 0, 4, 4, 4]], 6, 2) == (5, [4, 2])
     # the coordinator's own ExpertCache, one layer, never re-planned: the same loads as the reference LRU
     assert coordinator_misses(steps[:, None, :], 3, 0, "lru", every=1000) == 6

@@ -17,6 +17,7 @@ from coordinator import Coordinator, CoordinatorConfig, ExpertCache, GeneratePar
 from coordinator.engine import load_tokenizer
 from coordinator.config import EVICTIONS
 from coordinator.partition import SlotPlanner
+from coordinator.replay import cache_step as run_step
 from coordinator.replay import replay
 from expert_workers.format import EXACT, ExpertKey
 from expert_workers.source import ExpertSource, make_source
@@ -36,21 +37,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def run_step(cache: ExpertCache, layer: int, used: list[int]) -> None:
-    """One MoE step as ExpertRunner drives the cache: residents/prefetched first, then misses."""
-    todo = set(used)
-    found = cache.lookup(layer, used)
-    for f in found:
-        if f.buffer is not None:
-            todo.discard(f.expert)
-            if f.prefetched:
-                cache.promote(layer, f.expert, todo)
-    for f in found:
-        if f.buffer is None:
-            cache.insert(layer, f.expert, cache.take_victim(layer, todo), None)  # type: ignore[arg-type]
-            todo.discard(f.expert)
 
 
 @pytest.mark.skipif(not TRACE.is_file(), reason="code-moe-22m routing trace not present")
