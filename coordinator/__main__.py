@@ -44,6 +44,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "use count (lrfu)")
     p.add_argument("--attn-bits", type=int, choices=(4, 8, 16), default=4, help="hqq bits for attention")
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
+    p.add_argument("--prefill-chunk", type=_positive_int, default=512,
+                   help="prompt tokens per prefill forward pass (bounds the memory a long prompt needs)")
     p.add_argument("--fetch-workers", type=_positive_int, default=4, help="expert transfers in flight")
     p.add_argument("--fetch-timeout-s", type=float, default=30.0, help="per-expert fetch timeout")
     p.add_argument("--decode", choices=DECODE_MODES, default="auto",
@@ -55,6 +57,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="read each token on the host before queuing the next decode step")
     p.add_argument("--no-zero-copy", action="store_true",
                    help="never read co-located workers' shared memory directly")
+    p.add_argument("--no-host-embeddings", action="store_true",
+                   help="keep the token embedding table in device memory (default on CUDA: pinned host memory, "
+                   "gathered by the GPU, leaving its bytes to expert slots)")
     p.add_argument("--wait-workers-s", type=float, default=600.0,
                    help="how long to wait for the expert workers to become ready at start")
     p.add_argument("--auth-token-file", help="shared token (else $MOE_AUTH_TOKEN): required by this server "
@@ -93,10 +98,10 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> CoordinatorC
         gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
         repartition_every=args.repartition_every, eviction=args.eviction,
         attn_bits=args.attn_bits,
-        max_seq_len=args.max_seq_len, max_queue=getattr(args, "max_queue", 16),
+        max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, max_queue=getattr(args, "max_queue", 16),
         fetch_workers=args.fetch_workers, fetch_timeout_s=args.fetch_timeout_s,
         zero_copy=not args.no_zero_copy, decode=args.decode, speculate=not args.no_speculate,
-        pipeline=not args.no_pipeline).with_(**overrides)
+        pipeline=not args.no_pipeline, host_embeddings=not args.no_host_embeddings).with_(**overrides)
 
 
 def open_source(args: argparse.Namespace) -> object:

@@ -49,6 +49,10 @@ class CoordinatorConfig:
     """hqq group size for attention."""
     max_seq_len: int | None = None
     """Longest prompt + generation; None = the model's max_position_embeddings. Sizes the KV reserve."""
+    prefill_chunk: int = 512
+    """Prompt tokens per forward pass: a longer prompt is prefilled in chunks of this many, so what a prefill
+    holds (activations, each expert's batch) is bounded by the chunk, not by ``max_seq_len``, and the memory
+    budget leaves the rest to expert slots. Smaller chunks cost time: each chunk touches most experts again."""
     max_queue: int = 16
     """Requests waiting beyond the running one; more are refused with RESOURCE_EXHAUSTED."""
     fetch_workers: int = 4
@@ -70,6 +74,9 @@ class CoordinatorConfig:
     zero_copy: bool = True
     """Copy straight from a co-located worker's shared memory when the source offers it (else always fetch
     through the source's transport into staging)."""
+    host_embeddings: bool = True
+    """On CUDA, keep the token embedding table in pinned host memory, gathered by the GPU from there
+    (``coordinator.host_embedding``), so its bytes buy expert slots; not when lm_head shares the table."""
 
     def __post_init__(self) -> None:
         if self.experts_per_layer is not None and self.gpu_memory_gb is not None:
@@ -90,6 +97,8 @@ class CoordinatorConfig:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         if self.repartition_every < 0:
             raise ValueError(f"repartition_every must be >= 0, got {self.repartition_every}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.max_queue < 0 or self.fetch_workers < 1:
             raise ValueError("max_queue must be >= 0 and fetch_workers >= 1")
 

@@ -27,7 +27,8 @@ from coordinator.decode import StaticDecoder, graphs_apply, table_applies
 from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, RequestOutput,
                                   Sampler, TokenCopy, TokenEvent, validate)
 from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
-from coordinator.moe import RECALL_TOP, ExpertRunner
+from coordinator import gpu_kernels as gk
+from coordinator.moe import RECALL_TOP, ExpertRunner, select_path
 from coordinator.partition import SlotPlanner
 from coordinator.transfer import Transfers
 from expert_workers.format import ALIGN, ExpertKey, ExpertLayout, ExpertManifest
@@ -102,15 +103,16 @@ class Coordinator:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} requested but CUDA is not available (use --device cpu)")
-        self.model = build_shell(self.ckpt, ShellSpec(config.device, config.attn_bits, config.attn_group_size))
+        self.model = build_shell(self.ckpt, ShellSpec(config.device, config.attn_bits, config.attn_group_size,
+                                                      config.host_embeddings))
         mc = self.model.config
         self.layout = source.layout()
         check_layout(self.layout, mc)
         manifests = load_manifests(source, self.layout, config.fetch_workers)
         slot_bytes = -(-max(m.nbytes for m in manifests.values()) // ALIGN) * ALIGN
         self.max_positions = min(mc.max_position_embeddings, config.max_seq_len or mc.max_position_embeddings)
-        self.cache = ExpertCache(mc.num_hidden_layers, self._layer_slots(slot_bytes), config.spares, slot_bytes,
-                                 self.device, config.eviction)
+        self.cache = ExpertCache(mc.num_hidden_layers, self._layer_slots(slot_bytes, manifests), config.spares,
+                                 slot_bytes, self.device, config.eviction)
         self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.spares,
                                    workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
                                    zero_copy=config.zero_copy)
@@ -150,7 +152,26 @@ class Coordinator:
         per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * head_dim * dtype.itemsize
         return per_token * self.max_positions
 
-    def _layer_slots(self, slot_bytes: int) -> list[int]:
+    def _workspace_bytes(self, dtype: torch.dtype, manifests: dict[ExpertKey, ExpertManifest]) -> int:
+        """Device bytes a request needs beyond weights, KV cache and expert slots, at the longest prompt:
+        dequantized weights, prefill activations, logits and the CUDA context. On hqq's path a prefill
+        dequantizes whole experts (room for two, which also covers an attention projection between them); the
+        GPU paths keep two row blocks (``gpu_kernels.DEQUANT_CHUNK``) and add the largest attention projection
+        a prefill dequantizes."""
+        mc = self.model.config
+        hidden, inter, size = mc.hidden_size, mc.intermediate_size, dtype.itemsize
+        if select_path(self.device, self.model.model.layers[0].mlp.experts.act_fn, manifests).name == "hqq":
+            weights = 2 * 3 * hidden * inter * size
+        else:
+            head_dim = getattr(mc, "head_dim", None) or hidden // mc.num_attention_heads
+            qkv_rows = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * head_dim
+            attention = qkv_rows * hidden * size if self.config.attn_bits < 16 else 0
+            weights = gk.dequant_workspace_bytes(dtype) + attention
+        activations = 8 * min(self.max_positions, self.config.prefill_chunk) * (hidden + 2 * inter) * size
+        context = CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
+        return weights + activations + 2 * mc.vocab_size * 4 + context
+
+    def _layer_slots(self, slot_bytes: int, manifests: dict[ExpertKey, ExpertManifest]) -> list[int]:
         """LRU slots of each layer: k from the config, or every slot the memory budget leaves after weights,
         KV cache and workspace. The budget buys whole slots, not whole layers: k each, and the remainder
         one more each in layers spread evenly over the depth (at 8 GB Mixtral gets 2.8 per layer, not 2)."""
@@ -164,10 +185,7 @@ class Coordinator:
         if budget is None:
             return [experts] * layers
         dtype = compute_dtype(mc, self.device)
-        dequant = 3 * mc.hidden_size * mc.intermediate_size * dtype.itemsize
-        activations = 8 * self.max_positions * (mc.hidden_size + 2 * mc.intermediate_size) * dtype.itemsize
-        workspace = 2 * dequant + activations + 2 * mc.vocab_size * 4
-        workspace += CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
+        workspace = self._workspace_bytes(dtype, manifests)
         left = budget - non_expert_bytes(self.model) - self._kv_bytes(dtype) - workspace
         left -= cfg.spares * slot_bytes
         total = int(left // slot_bytes)
@@ -296,7 +314,10 @@ class Coordinator:
                 during()
             input_ids = (ids.view(1, -1) if isinstance(ids, torch.Tensor)
                          else torch.tensor([list(ids)], dtype=torch.long, device=self.device))
-            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
+            *head, last = input_ids.split(self.config.prefill_chunk, dim=1)  # bounded activations
+            for chunk in head:
+                self.model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
+            out = self.model(input_ids=last, use_cache=True, logits_to_keep=1, **{self._cache_kw: kv})
             return out.logits[0, -1].float()
 
     def _make_decoder(self) -> StaticDecoder | None:

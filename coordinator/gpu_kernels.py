@@ -22,7 +22,8 @@ Paths, fastest first:
    ``GEMV_MAX_TOKENS``: one launch for w1+w3+silu·mul of all (token, expert) pairs, one for w2 + the
    routing-weighted sum. Slots can be read from a device tensor (``moe_ffn``), so a whole layer is
    graph-capturable.
-2. A Triton dequantize kernel (any packing) into a reused fp16 workspace + cuBLAS: for prefill-sized M.
+2. A Triton dequantize kernel (any packing), a block of rows at a time into a small reused workspace, + cuBLAS:
+   for prefill-sized M (``DEQUANT_CHUNK``).
 3. On CPU: hqq's own ``Quantizer.dequantize`` (``format.dequantize_matrix``) + matmul; bits 16: plain matmul.
 """
 
@@ -286,10 +287,11 @@ if HAVE_TRITON:
             emit(out + 3 * NV, rowsum(a3), row_mask, 1)
 
     @triton.jit
-    def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, total, step,
+    def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, first, total, step,
                         GROUP: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
-        """w[e] = (q(e) − zero[r]) · scale[r] for every element e of [N, K]; any hqq packing."""
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)          # int32: the caller checks total < 2**31
+        """w[e − first] = (q(e) − zero[r]) · scale[r] for the elements first ≤ e < total of [N, K] (flat, so a
+        range of whole rows); any hqq packing."""
+        e = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: the caller checks N·K < 2**31
         mask = e < total
         r = e // GROUP
         i = r % step
@@ -298,7 +300,7 @@ if HAVE_TRITON:
         q = ((word >> (TOP - BITS * (v + 1)).to(tl.int32)) & ((1 << BITS) - 1)).to(tl.float32)
         s = tl.load(s_ptr + r, mask=mask, other=0).to(tl.float32)
         z = tl.load(z_ptr + r, mask=mask, other=0).to(tl.float32)
-        tl.store(w_ptr + e, ((q - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_ptr + (e - first), ((q - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def _triton_ok(t: torch.Tensor) -> bool:
@@ -422,19 +424,29 @@ def packed_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, zero:
 
 
 def dequantize(w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int], bits: int,
-               group_size: int, packing: str, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The [N, K] weight of one hqq-packed matrix, dequantized on the GPU by one Triton launch (any packing;
-    equals hqq's Quantizer.dequantize up to the final rounding)."""
-    n, k = shape
-    w = out if out is not None else torch.empty(shape, device=w_q.device, dtype=dtype)
-    total = n * k
-    if total >= 2 ** 31:
-        raise ValueError(f"matrix of {total} weights is too large for the int32 dequantize kernel")
+               group_size: int, packing: str, dtype: torch.dtype, out: torch.Tensor | None = None,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The [N, K] weight of one hqq-packed matrix (or its rows n0 ≤ n < n1: ``rows``), dequantized on the GPU by
+    one Triton launch (any packing; equals hqq's Quantizer.dequantize up to the final rounding)."""
+    (first, total), n_out = row_span(shape, rows)
+    w = out if out is not None else torch.empty((n_out, shape[1]), device=w_q.device, dtype=dtype)
     step = w_q.shape[0] if w_q.dim() == 2 else w_q.numel() // group_size
     block = 1024
-    _dequant_kernel[(triton.cdiv(total, block),)](w_q, scale, zero, w, total, step, group_size, bits,
-                                                  _WORD_TOP[packing], BLOCK=block)
+    _dequant_kernel[(triton.cdiv(total - first, block),)](w_q, scale, zero, w, first, total, step, group_size, bits,
+                                                          _WORD_TOP[packing], BLOCK=block)
     return w
+
+
+def row_span(shape: tuple[int, int], rows: tuple[int, int] | None) -> tuple[tuple[int, int], int]:
+    """((first, end) flat element range, row count) of rows n0 ≤ n < n1 (all rows: None) of an [N, K] matrix,
+    checked against the dequantize kernels' int32 indexing."""
+    n, k = shape
+    n0, n1 = rows if rows is not None else (0, n)
+    if not 0 <= n0 < n1 <= n:
+        raise ValueError(f"rows {n0}..{n1} outside a matrix of {n} rows")
+    if n * k >= 2 ** 31:
+        raise ValueError(f"matrix of {n * k} weights is too large for the int32 dequantize kernel")
+    return (n0 * k, n1 * k), n1 - n0
 
 
 # ------------------------------------------------------------------------------------------ slow paths
@@ -454,45 +466,81 @@ def layout_of(manifest: ExpertManifest) -> PackedLayout:
 
 
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+DEQUANT_CHUNK = 1 << 23
+"""Weights the prefill path dequantizes at once (two buffers of this many, 16 MiB each in bf16): a prefill
+then needs ~32 MiB of workspace, not an expert's whole dequantized weights (352 MiB for Mixtral), and the
+memory budget buys expert slots with the difference."""
+
+
+def dequant_workspace_bytes(dtype: torch.dtype) -> int:
+    """Device bytes the chunked dequantize + matmul path keeps (``_expert_ffn_chunked``)."""
+    return 2 * DEQUANT_CHUNK * dtype.itemsize
 
 
 def _workspace(numel: int, device: torch.device, dtype: torch.dtype, slot: int) -> torch.Tensor:
-    """Reused dequantization buffers (three per device/dtype) so the fallback allocates nothing per call."""
+    """Reused dequantization buffers (two per device/dtype) so the prefill path allocates no weights per call."""
     key = (device, dtype)
     ws = _WORKSPACE.get(key)
     if ws is None or ws.shape[1] < numel:
-        ws = torch.empty((3, numel), device=device, dtype=dtype)
+        ws = torch.empty((2, numel), device=device, dtype=dtype)
         _WORKSPACE[key] = ws
     return ws[slot, :numel]
 
 
+def _shapes(lay: PackedLayout) -> tuple[tuple[int, int], ...]:
+    """[out, in] of w1, w3, w2."""
+    return (lay.inter, lay.hidden), (lay.inter, lay.hidden), (lay.hidden, lay.inter)
+
+
+def _dequant_rows(buf: torch.Tensor, lay: PackedLayout, i: int, rows: tuple[int, int], slot: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Rows n0 ≤ n < n1 of matrix ``i`` (0 w1, 1 w3, 2 w2) of the packed expert ``buf``, dequantized by one
+    Triton launch into workspace buffer ``slot``: [n1 − n0, in]."""
+    from coordinator import planes3  # it builds on this module's Triton helpers
+
+    s = _shapes(lay)[i]
+    oq, os_, oz = lay.offsets[3 * i:3 * i + 3]
+    wdt, qdt = dtype_of(lay.weight_dtype), dtype_of(lay.wq_dtype)
+    ngroups = s[0] * s[1] // lay.group_size
+    w_q = buf[oq:oq + lay.wq_rows[i] * lay.group_size * qdt.itemsize].view(qdt).view(-1, lay.group_size)
+    scale = buf[os_:os_ + wdt.itemsize * ngroups].view(wdt)
+    zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
+    w = _workspace(DEQUANT_CHUNK, buf.device, dtype, slot)[:(rows[1] - rows[0]) * s[1]].view(-1, s[1])
+    if lay.packing == PLANES3:
+        hi = buf[lay.hi_offsets[i]:lay.hi_offsets[i] + w_q.numel() // 2]
+        return planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w, rows)
+    return dequantize(w_q, scale, zero, s, lay.bits, lay.group_size, lay.packing, dtype, w, rows)
+
+
+def _row_blocks(n: int, k: int) -> list[tuple[int, int]]:
+    """Row ranges of an [n, k] matrix of at most DEQUANT_CHUNK weights each."""
+    step = max(1, DEQUANT_CHUNK // k)
+    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+
+
+def _expert_ffn_chunked(x: torch.Tensor, buf: torch.Tensor, lay: PackedLayout) -> torch.Tensor:
+    """y = w2 · (silu(w1 · x) * (w3 · x)) with the weights dequantized a block of rows at a time: h's columns
+    come from row blocks of w1 and w3, y's from row blocks of w2, so the workspace holds two blocks of
+    DEQUANT_CHUNK weights and never a whole expert. Each output is still one full-length dot product."""
+    m, hidden, inter = x.shape[0], lay.hidden, lay.inter
+    h = torch.empty((m, inter), device=x.device, dtype=x.dtype)
+    for rows in _row_blocks(inter, hidden):
+        w1 = _dequant_rows(buf, lay, 0, rows, 0, x.dtype)
+        w3 = _dequant_rows(buf, lay, 1, rows, 1, x.dtype)
+        h[:, rows[0]:rows[1]] = F.silu(F.linear(x, w1)) * F.linear(x, w3)
+    y = torch.empty((m, hidden), device=x.device, dtype=x.dtype)
+    for rows in _row_blocks(hidden, inter):
+        y[:, rows[0]:rows[1]] = F.linear(h, _dequant_rows(buf, lay, 2, rows, 0, x.dtype))
+    return y
+
+
 def _weights_of(buf: torch.Tensor, manifest: ExpertManifest | PackedLayout, lay: PackedLayout,
                 dtype: torch.dtype) -> list[torch.Tensor]:
-    """w1, w3, w2 as [out, in] tensors in ``dtype``: views at bits 16, else dequantized."""
-    shapes = ((lay.inter, lay.hidden), (lay.inter, lay.hidden), (lay.hidden, lay.inter))
-    wdt = dtype_of(lay.weight_dtype)
+    """w1, w3, w2 as whole [out, in] tensors in ``dtype`` (bits 16: views; CPU: hqq's dequantize)."""
     if lay.bits == 16:
-        o = lay.offsets
+        wdt, o = dtype_of(lay.weight_dtype), lay.offsets
         return [buf[o[i]:o[i] + s[0] * s[1] * wdt.itemsize].view(wdt).view(s).to(dtype)
-                for i, s in enumerate(shapes)]
-    if _triton_ok(buf):
-        from coordinator import planes3  # it builds on this module's Triton helpers
-
-        out = []
-        for i, s in enumerate(shapes):
-            oq, os_, oz = lay.offsets[3 * i:3 * i + 3]
-            ngroups = s[0] * s[1] // lay.group_size
-            qdt = dtype_of(lay.wq_dtype)
-            w_q = buf[oq:oq + lay.wq_rows[i] * lay.group_size * qdt.itemsize].view(qdt).view(-1, lay.group_size)
-            scale = buf[os_:os_ + wdt.itemsize * ngroups].view(wdt)
-            zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
-            w = _workspace(s[0] * s[1], buf.device, dtype, i).view(s)
-            if lay.packing == PLANES3:
-                hi = buf[lay.hi_offsets[i]:lay.hi_offsets[i] + w_q.numel() // 2]
-                out.append(planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w))
-                continue
-            out.append(dequantize(w_q, scale, zero, s, lay.bits, lay.group_size, lay.packing, dtype, w))
-        return out
+                for i, s in enumerate(_shapes(lay))]
     if not isinstance(manifest, ExpertManifest):
         raise ValueError("the CPU path needs the ExpertManifest, not only its layout")
     return [dequantize_matrix(buf, manifest, name).to(dtype) for name in ("w1", "w3", "w2")]
@@ -500,8 +548,11 @@ def _weights_of(buf: torch.Tensor, manifest: ExpertManifest | PackedLayout, lay:
 
 def _expert_ffn_dequant(x: torch.Tensor, buf: torch.Tensor, manifest: ExpertManifest | PackedLayout,
                         lay: PackedLayout, out: torch.Tensor | None) -> torch.Tensor:
-    w1, w3, w2 = _weights_of(buf, manifest, lay, x.dtype)
-    y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    if lay.bits != 16 and _triton_ok(buf):
+        y = _expert_ffn_chunked(x, buf, lay)
+    else:
+        w1, w3, w2 = _weights_of(buf, manifest, lay, x.dtype)
+        y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     return y if out is None else out.copy_(y)
 
 

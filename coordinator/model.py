@@ -20,6 +20,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from coordinator.host_embedding import host_embeddings_apply, move_embeddings_to_host
+
 ATTN_BITS = (4, 8, 16)
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,6 +37,8 @@ class ShellSpec:
     """hqq bits for attention q/k/v/o: 4, 8, or 16 (kept as in the checkpoint)."""
     attn_group_size: int = 64
     """hqq group size for attention weights."""
+    host_embeddings: bool = False
+    """Token embedding table in pinned host memory where that applies (``coordinator.host_embedding``)."""
 
 
 def compute_dtype(config: MixtralConfig, device: torch.device) -> torch.dtype:
@@ -280,6 +284,8 @@ def build_shell(ckpt: Path, spec: ShellSpec) -> MixtralForCausalLM:
     _drop_expert_parameters(model)
     _fix_buffers(model, config, device)
     _quantize_attention(model, spec, dtype)
+    if spec.host_embeddings and host_embeddings_apply(model, device):
+        move_embeddings_to_host(model)
     model.eval()
     return model
 

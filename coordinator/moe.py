@@ -9,12 +9,13 @@ One MoE step (a prefill chunk or one decode token), short on purpose:
 How experts are computed is a ``MoePath`` chosen once per runner (``select_path``):
 - "hqq" (CPU, and whatever the GPU kernels do not read): per expert, as misses land, hqq's dequantize + matmul;
 - "dequant" (CUDA, SiLU, one layout the GEMV kernels do not read, e.g. hqq's own "3bit_32" from a worker of
-  an older make): per expert, as misses land, a Triton dequantize into a reused workspace + cuBLAS
-  (``gpu_kernels.expert_ffn``);
+  an older make): per expert, as misses land, a Triton dequantize of a few rows at a time into a small
+  reused workspace + cuBLAS (``gpu_kernels.expert_ffn``);
 - "gemv_layer" (CUDA, SiLU, one u8-packed 2/3/4/8-bit layout): the layer's misses land first, then one
   ``gpu_kernels.moe_ffn`` launch pair computes every routed (token, expert) pair straight from the cache
   arena, reading arena rows from a device tensor; a step that cannot hold all its experts at once (more
-  distinct experts than cache slots, or a prefill) goes per expert, with the Triton GEMV for ≤ 4 tokens.
+  distinct experts than cache slots, or a prefill) goes per expert, with the Triton GEMV for ≤ 4 tokens
+  and the "dequant" path's kernels for more.
 After decoder layer l, a forward hook applies layer l+1's router (through its post-attention norm) to the
 residual stream and prefetches the top ``prefetch`` experts that are not cached into spare buffers.
 """
@@ -62,19 +63,11 @@ def expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
     return F.linear(act(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
-def gemv_expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
-                    act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
-    """``expert_ffn`` through the Triton GEMV for ≤ GEMV_MAX_TOKENS tokens (SiLU, u8 packing: checked once by
-    ``select_path``), hqq's dequantize + matmul for more."""
-    if x.shape[0] <= gk.GEMV_MAX_TOKENS:
-        return gk.expert_ffn_views(slot_views, manifest, x)
-    return expert_ffn(slot_views, manifest, x, act)
-
-
-def dequant_expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
-                       act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
-    """``expert_ffn`` through the Triton dequantize + cuBLAS (SiLU and an unfused layout: checked once by
-    ``select_path``), for any number of tokens."""
+def gpu_expert_ffn(slot_views: SlotViews, manifest: ExpertManifest, x: torch.Tensor,
+                   act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
+    """``expert_ffn`` through ``gpu_kernels`` (SiLU and a packing it reads: checked once by ``select_path``):
+    the Triton GEMV for ≤ GEMV_MAX_TOKENS tokens of a fused layout, else the Triton dequantize, a block of rows
+    at a time, + cuBLAS."""
     return gk.expert_ffn_views(slot_views, manifest, x)
 
 
@@ -108,8 +101,8 @@ def select_path(device: torch.device, act: Callable[[torch.Tensor], torch.Tensor
         return HQQ_PATH
     layout = layouts.pop()
     if not layout.fused and layout.bits != 16:  # no GEMV kernel, but hqq's torch dequantize is slower
-        return MoePath("dequant", dequant_expert_ffn)
-    return MoePath("gemv_layer", gemv_expert_ffn, layout) if layout.fused else HQQ_PATH
+        return MoePath("dequant", gpu_expert_ffn)
+    return MoePath("gemv_layer", gpu_expert_ffn, layout) if layout.fused else HQQ_PATH
 
 
 @dataclass

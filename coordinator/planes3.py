@@ -227,10 +227,11 @@ if gk.HAVE_TRITON:
         emit(out + 7 * NV, o7, row_mask, SPLIT_K)
 
     @triton.jit
-    def _dequant_kernel(lo_ptr, hi_ptr, s_ptr, z_ptr, w_ptr, total, step,
+    def _dequant_kernel(lo_ptr, hi_ptr, s_ptr, z_ptr, w_ptr, first, total, step,
                         GROUP: tl.constexpr, BLOCK: tl.constexpr):
-        """w[e] = (q(e) − zero[r]) · scale[r] for every element e of [N, K]; step = hi's rows (R'/8)."""
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)          # int32: the caller checks total < 2**31
+        """w[e − first] = (q(e) − zero[r]) · scale[r] for the elements first ≤ e < total of [N, K]; step = hi's
+        rows (R'/8)."""
+        e = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: the caller checks N·K < 2**31
         mask = e < total
         r = e // GROUP
         j = e % GROUP
@@ -239,7 +240,7 @@ if gk.HAVE_TRITON:
         q = ((lo >> (6 - 2 * (r // (2 * step)))) & 3) | (((hi >> (7 - r // step)) & 1) << 2)
         s = tl.load(s_ptr + r, mask=mask, other=0).to(tl.float32)
         z = tl.load(z_ptr + r, mask=mask, other=0).to(tl.float32)
-        tl.store(w_ptr + e, ((q.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
+        tl.store(w_ptr + (e - first), ((q.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tensor, w: torch.Tensor, topk: int,
@@ -260,13 +261,12 @@ def launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tensor
 
 
 def dequantize(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-               shape: tuple[int, int], group_size: int, out: torch.Tensor) -> torch.Tensor:
-    """The [N, K] weight of one PLANES3 matrix into ``out`` by one Triton launch (equals
-    ``format.dequantize_views`` up to the final rounding)."""
-    total = shape[0] * shape[1]
-    if total >= 2 ** 31:
-        raise ValueError(f"matrix of {total} weights is too large for the int32 dequantize kernel")
+               shape: tuple[int, int], group_size: int, out: torch.Tensor,
+               rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The [N, K] weight of one PLANES3 matrix (or its rows n0 ≤ n < n1: ``rows``) into ``out`` by one Triton
+    launch (equals ``format.dequantize_views`` up to the final rounding)."""
+    (first, total), _ = gk.row_span(shape, rows)
     block = 1024
-    _dequant_kernel[(triton.cdiv(total, block),)](lo, hi, scale, zero, out, total, hi.numel() // group_size,
-                                                  group_size, BLOCK=block)
+    _dequant_kernel[(triton.cdiv(total - first, block),)](lo, hi, scale, zero, out, first, total,
+                                                          hi.numel() // group_size, group_size, BLOCK=block)
     return out

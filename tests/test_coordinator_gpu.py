@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from coordinator import Coordinator, CoordinatorConfig, GenerateParams
+from coordinator.host_embedding import HostEmbedding
 from coordinator.reference import greedy, reference_model
 from expert_workers.format import EXACT
 from expert_workers.source import ExpertSource, make_source
@@ -39,6 +40,7 @@ def test_cuda_exact_with_streams(tiny_ckpt: Path, source: ExpertSource, k: int, 
     try:
         assert engine.cache.arena.is_cuda
         assert engine.transfers._stream is not None
+        assert isinstance(engine.model.model.embed_tokens, HostEmbedding)  # the table is gathered from the host
         assert all(t.is_pinned() for t in engine.transfers._staging)
         for prompt in PROMPTS:
             events = engine.generate(GenerateParams(prompt_token_ids=tuple(prompt), max_new_tokens=16))
@@ -52,6 +54,31 @@ def test_cuda_exact_with_streams(tiny_ckpt: Path, source: ExpertSource, k: int, 
         engine.cache.check()
     finally:
         engine.close()
+
+
+def test_host_embedding_gathers_from_pinned_memory_in_a_graph() -> None:
+    """The GPU reads the pinned host table by itself: the same rows as a device table, also replayed from a
+    CUDA graph with a new token id written into the captured input."""
+    weight = torch.randn(1000, 4096, device="cuda").to(torch.bfloat16)
+    emb = HostEmbedding(weight)
+    assert emb.__dict__["table"].is_pinned() and not emb.__dict__["table"].is_cuda
+    ids = torch.tensor([[3, 999, 0, 3]], device="cuda")
+    assert torch.equal(emb(ids), weight[ids])
+    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    out = torch.empty(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out.copy_(emb(tok))  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(emb(tok))
+    for t in (5, 777, 999):
+        tok.fill_(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0, 0], weight[t])
 
 
 def test_registered_shm_copies_asynchronously(source: ExpertSource) -> None:

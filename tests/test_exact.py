@@ -93,6 +93,41 @@ def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch:
         assert stats["decode_segments_speculated"] > stats["decode_segments_redone"] > 0
 
 
+@pytest.mark.parametrize(("chunk", "decode"), [(7, "transformers"), (4, "static")])
+def test_chunked_prefill_gives_the_one_pass_tokens(tiny_ckpt: Path, tiny_exact: ExpertSource, chunk: int,
+                                                  decode: str) -> None:
+    """A prompt longer than ``prefill_chunk`` runs as several forward passes over one KV cache (30 tokens: 5
+    chunks of 7 or 8 of 4, the last one partial): the same tokens as transformers' single pass, with every
+    cache slot a miss now and then."""
+    cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=2, prefetch=2, decode=decode, prefill_chunk=chunk)
+    stats = assert_matches(tiny_ckpt, tiny_exact, reference_model(tiny_ckpt), TINY_PROMPTS, cfg)
+    assert stats["cache_misses"] > 0 and stats["prompt_tokens"] == sum(map(len, TINY_PROMPTS))
+
+
+def test_prefill_chunk_bounds_the_memory_reserve(tiny_ckpt: Path, tiny_exact: ExpertSource) -> None:
+    """The activations reserve follows the chunk, not max_seq_len: with it, the same budget buys more slots."""
+    probe = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, experts_per_layer=1))
+    dtype, mc = probe.model.dtype, probe.model.config
+    fixed = (probe.stats()["non_expert_bytes"] + probe._kv_bytes(dtype)
+             + probe._workspace_bytes(dtype, probe.runner.manifests))  # at chunk 512 > the model's 256 positions
+    budget, slot = (fixed + 12 * probe.cache.slot_bytes) / 2**30, probe.cache.slot_bytes
+    probe.close()
+
+    def slots(chunk: int) -> int:
+        engine = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget,
+                                                                      prefill_chunk=chunk, repartition_every=0))
+        try:
+            return engine.stats()["cache_slots"]
+        finally:
+            engine.close()
+
+    full = slots(4096)
+    assert full == 12 - 2  # two spares for prefetch 2
+    # 8 positions' activations instead of the model's 256 (max_position_embeddings)
+    freed = 8 * (mc.max_position_embeddings - 8) * (mc.hidden_size + 2 * mc.intermediate_size) * dtype.itemsize
+    assert slots(8) == min(32, full + freed // slot)
+
+
 @pytest.mark.parametrize("speculate", [False, True])
 def test_static_speculation_is_redone_on_a_stale_row(tiny_ckpt: Path, tiny_exact: ExpertSource,
                                                     speculate: bool) -> None:

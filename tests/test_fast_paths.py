@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coordinator import gpu_kernels as gk
-from coordinator.moe import HQQ_PATH, dequant_expert_ffn, gemv_expert_ffn, select_path
+from coordinator.moe import HQQ_PATH, gpu_expert_ffn, select_path
 from coordinator.pinning import HostRegistry
 from expert_workers.format import ExpertKey, ExpertManifest, MatrixEntry, QuantSpec, pack_expert
 
@@ -37,13 +37,13 @@ def _manifests(bits: int, hidden: int = 256, inter: int = 512, n: int = 2, group
 def test_cuda_u8_silu_layout_takes_the_layer_kernel() -> None:
     manifests = _manifests(2)
     path = select_path(CUDA, nn.SiLU(), manifests)
-    assert path.name == "gemv_layer" and path.expert_fn is gemv_expert_ffn
+    assert path.name == "gemv_layer" and path.expert_fn is gpu_expert_ffn
     assert path.layout == gk.layout_of(next(iter(manifests.values())))
     assert select_path(CUDA, F.silu, _manifests(4)).name == "gemv_layer"
     three = select_path(CUDA, F.silu, _manifests(3))  # 3 bits as two planes: the 8-rows-per-byte GEMV
     assert three.name == "gemv_layer" and three.layout is not None and three.layout.hi_offsets
     hqq_own = select_path(CUDA, F.silu, _as_hqq_3bit_32(_manifests(3)))  # no GEMV reads it: Triton dequantize
-    assert hqq_own.name == "dequant" and hqq_own.expert_fn is dequant_expert_ffn and hqq_own.layout is None
+    assert hqq_own.name == "dequant" and hqq_own.expert_fn is gpu_expert_ffn and hqq_own.layout is None
     # groups of 48: a GEMV tile's group axis must be a power of two, so the Triton dequantize + cuBLAS serves
     assert select_path(CUDA, F.silu, _manifests(2, hidden=96, inter=192, group=48)).name == "dequant"
     # K of one group: the launch shapes' K step narrows to it (gpu_kernels._fit)
