@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
+from coordinator import gpu_kernels as gk
 from coordinator.cache import ExpertCache, describe_slots, spread_slots
 from coordinator.config import GIB, CoordinatorConfig
 from coordinator.decode import StaticDecoder, graphs_apply, table_applies
 from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, RequestOutput,
                                   Sampler, TokenCopy, TokenEvent, validate)
 from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
-from coordinator import gpu_kernels as gk
 from coordinator.moe import RECALL_TOP, ExpertRunner, select_path
 from coordinator.partition import SlotPlanner
 from coordinator.transfer import Transfers

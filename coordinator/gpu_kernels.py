@@ -505,7 +505,8 @@ def _dequant_rows(buf: torch.Tensor, lay: PackedLayout, i: int, rows: tuple[int,
     w_q = buf[oq:oq + lay.wq_rows[i] * lay.group_size * qdt.itemsize].view(qdt).view(-1, lay.group_size)
     scale = buf[os_:os_ + wdt.itemsize * ngroups].view(wdt)
     zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
-    w = _workspace(DEQUANT_CHUNK, buf.device, dtype, slot)[:(rows[1] - rows[0]) * s[1]].view(-1, s[1])
+    numel = (rows[1] - rows[0]) * s[1]  # ≤ DEQUANT_CHUNK, or one row when a row alone is larger
+    w = _workspace(max(DEQUANT_CHUNK, numel), buf.device, dtype, slot)[:numel].view(-1, s[1])
     if lay.packing == PLANES3:
         hi = buf[lay.hi_offsets[i]:lay.hi_offsets[i] + w_q.numel() // 2]
         return planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w, rows)

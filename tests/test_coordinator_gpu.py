@@ -201,6 +201,33 @@ def test_three_bit_experts_run_the_graphed_gemv(kernel_ckpt: Path, tmp_path_fact
         slow.close()
         store.close()
 
+def test_chunked_prefill_on_gpu_gives_the_one_pass_logits(kernel_ckpt: Path,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A 20-token prompt in chunks of 6 (the last one partial; the chunked dequantize path for each chunk of
+    more than 4 tokens) gives the single pass's logits, fp16 rounding apart, and the graphed decode after it
+    continues from the same KV."""
+    from expert_workers.format import INT2
+
+    store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xc"), progress=False).load()
+    src = make_source(stores=[store])
+    cfg = CoordinatorConfig(device="cuda", attn_bits=4, experts_per_layer=2, prefetch=2)
+    chunked = Coordinator(kernel_ckpt, src, dataclasses.replace(cfg, prefill_chunk=6))
+    whole = Coordinator(kernel_ckpt, src, cfg)
+    try:
+        kv_c, kv_w = chunked.new_kv_cache(), whole.new_kv_cache()
+        with torch.inference_mode():
+            lc, lw = chunked.step(list(range(10, 30)), kv_c), whole.step(list(range(10, 30)), kv_w)
+            for _ in range(6):
+                assert float((lc - lw).norm() / lw.norm()) < 2e-2
+                nxt = int(lw.argmax())
+                lc, lw = chunked.step([nxt], kv_c), whole.step([nxt], kv_w)
+        chunked.cache.check()
+    finally:
+        chunked.close()
+        whole.close()
+        store.close()
+
+
 # -- the CUDA-graph decode path (coordinator.decode) -------------------------------------------------------
 @pytest.mark.parametrize(("k", "prefetch", "zero_copy", "ahead"),
                          [(8, 0, True, 1), (2, 2, True, 1), (3, 1, False, 1), (2, 2, True, 2)])
