@@ -1,6 +1,6 @@
 """How few expert loads *any* cache could make on the benchmark's model: Belady's MIN against LRU (CPU).
 
-    python -m bench.cache_bound [--tokens 144] [--trace T.npy] [--out bench/results/<date>-cpu-cache-bound.md]
+    python -m bench.cache_bound [--tokens 144] [--trace T.npy] [--reach R] [--out bench/results/<date>-cpu-cache-bound.md]
 
 The GPU benchmark's model (``bench.synth``: random Mixtral-8x7B-shaped weights, 2-bit experts from 4 templates,
 4-bit attention shared by the layers, teacher-forced inputs) is rebuilt here on the CPU from the same recipe.
@@ -40,8 +40,12 @@ def _quantized(out: int, inp: int, bits: int, gen: torch.Generator) -> torch.Ten
     return Quantizer.dequantize(w_q, meta).float()
 
 
-def routing_trace(shape: ModelShape, tokens: int, templates: int = 4, seed: int = 0) -> np.ndarray:
-    """[T, L, 2] expert ids routed at each position of a teacher-forced sequence through the sibling model."""
+def routing_trace(shape: ModelShape, tokens: int, templates: int = 4, seed: int = 0,
+                  reach: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """[T, L, 2] expert ids routed at each position of a teacher-forced sequence through the sibling model.
+    With ``reach`` R > 0 also the guesses the coordinator's decoder would make: [T, L, R, E], the experts of
+    layer l + d ranked by layer l+d's router on layer l's post-attention normed state (d = 1..R; as
+    ``coordinator.decode`` guesses, a norm's unit weight aside), so ``guess_recall`` can score them."""
     gen = torch.Generator().manual_seed(seed)
     h, d, nh, nkv, L = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads, shape.layers
     experts = [[_quantized(shape.inter, h, 2, gen), _quantized(shape.inter, h, 2, gen),
@@ -55,6 +59,7 @@ def routing_trace(shape: ModelShape, tokens: int, templates: int = 4, seed: int 
     cos, sin = ang.cos(), ang.sin()                                           # [T, d/2]
     x = embed[ids]                                                            # [T, H]
     trace = np.zeros((tokens, L, shape.top_k), dtype=np.int64)
+    ranked = np.zeros((tokens, L, reach, shape.experts), dtype=np.int64)
     for layer in range(L):
         t0 = time.perf_counter()
         qkv_t = (F.rms_norm(x, (h,), eps=1e-5) @ qkv.T).view(tokens, nh + 2 * nkv, d)
@@ -68,6 +73,10 @@ def routing_trace(shape: ModelShape, tokens: int, templates: int = 4, seed: int 
         wts, top = torch.topk(torch.softmax(xn @ routers[layer].T, dim=-1), shape.top_k, dim=-1)
         wts = wts / wts.sum(-1, keepdim=True)
         trace[:, layer] = top.numpy()
+        for ahead in range(1, reach + 1):
+            if layer + ahead < L:
+                ranked[:, layer, ahead - 1] = torch.argsort(xn @ routers[layer + ahead].T, dim=-1,
+                                                            descending=True).numpy()
         y = torch.zeros_like(x)
         for e in range(shape.experts):                                       # expert e is template e mod T
             rows, slot = (top == e).nonzero(as_tuple=True)
@@ -77,7 +86,20 @@ def routing_trace(shape: ModelShape, tokens: int, templates: int = 4, seed: int 
                 y.index_add_(0, rows, (F.silu(xe @ w1.T) * (xe @ w3.T)) @ w2.T * wts[rows, slot, None])
         x = x + y
         print(f"layer {layer}: {time.perf_counter() - t0:.1f}s", flush=True)
-    return trace
+    return (trace, ranked) if reach else trace
+
+
+def guess_recall(trace: np.ndarray, ranked: np.ndarray, d: int, top: int, skip: int = 0) -> float:
+    """Share of the experts each position uses in layers l ≥ d that the top-``top`` guess made d layers
+    earlier (``routing_trace(reach=...)``) names, counted from position ``skip``."""
+    steps, layers, k = trace.shape
+    found = total = 0
+    for layer in range(d, layers):
+        guess = ranked[skip:, layer - d, d - 1, :top]                        # [T, top]
+        used = trace[skip:, layer]                                           # [T, k]
+        found += int((used[:, :, None] == guess[:, None, :]).any(-1).sum())
+        total += used.size
+    return found / total
 
 
 def lru_misses(steps: np.ndarray, slots: int, skip: int = 0) -> int:
@@ -174,15 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", type=int, default=16, help="positions that warm the caches and are not counted")
     ap.add_argument("--budgets", default="91,164", help="total slots to spread (8 GB: 91, 12 GB: 164 in s8c)")
     ap.add_argument("--trace", default="", help="a .npy routing trace: read when it exists, else written")
+    ap.add_argument("--reach", type=int, default=0,
+                    help="also score guesses made 1..R layers ahead (recomputes the forward: no --trace reuse)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    if a.trace and Path(a.trace).is_file():
+    ranked = None
+    if a.reach:
+        trace, ranked = routing_trace(MIXTRAL_8X7B, a.tokens, reach=a.reach)  # type: ignore[misc]
+    elif a.trace and Path(a.trace).is_file():
         trace = np.load(a.trace)
     else:
-        trace = routing_trace(MIXTRAL_8X7B, a.tokens)
-        if a.trace:
-            np.save(a.trace, trace)
+        trace = routing_trace(MIXTRAL_8X7B, a.tokens)  # type: ignore[assignment]
+    if a.trace and not Path(a.trace).is_file():
+        np.save(a.trace, trace)
     E, counted = MIXTRAL_8X7B.experts, a.tokens - a.skip
     curves = {}
     for name, fn in (("lru", lru_misses), ("belady", belady_misses)):
@@ -190,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         for layer in range(MIXTRAL_8X7B.layers)]
     uses = 2 * MIXTRAL_8X7B.layers * counted
     lines = ["# Expert loads per token: LRU against Belady's MIN (CPU sibling of the GPU model)", "",
-             f"`python -m bench.cache_bound --tokens {a.tokens} --skip {a.skip} --budgets {a.budgets}`; "
+             f"`python -m bench.cache_bound --tokens {a.tokens} --skip {a.skip} --budgets {a.budgets}"
+             + (f" --reach {a.reach}" if a.reach else "") + "`; "
              f"{counted} counted positions after {a.skip} warm-up ones.", "",
              "| slots | LRU hit | Belady hit | LRU loads/token | Belady loads/token |", "|---|---|---|---|---|"]
     for k in range(2, E + 1):
@@ -206,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"|   the coordinator's cache, {eviction}, planned every 32 steps | {1 - ours / uses:.3f} | | "
                          f"{ours / counted:.1f} | |")
         lines.append(f"|   Belady's spread | {bel_s} | | | |")
+    if ranked is not None:
+        lines += ["", "Guesses made d layers ahead (layer l+d's router on layer l's post-attention state), share of "
+                  "the used experts found:", "", "| d | top-1 | top-2 | top-3 | top-4 |", "|---|---|---|---|---|"]
+        for d in range(1, a.reach + 1):
+            found = " | ".join(f"{guess_recall(trace, ranked, d, n, a.skip):.3f}" for n in range(1, 5))
+            lines.append(f"| {d} | {found} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

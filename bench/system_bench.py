@@ -167,7 +167,8 @@ def _run_requests(address: str, prompt: list[int], warmup: int, tokens: int,
     """A warm-up request (seed 1), then ``requests`` timed ones of ``tokens`` + 1 (seeds 2, 3, ...): each samples
     its own token stream, so their sum averages over routing traces (one 128-token trace moved ±8% of the
     bytes of another in session 8). Counters are summed; decode_tokens_per_s is decoded tokens over decode
-    time, all requests together; the other stats are the last request's."""
+    time and the prefetch recalls are weighted by tokens, all requests together; the other stats (ttft_ms,
+    gpu_peak_bytes) are the last request's."""
     from client import Client
 
     c = Client(address, timeout_s=900)
@@ -183,6 +184,9 @@ def _run_requests(address: str, prompt: list[int], warmup: int, tokens: int,
     decode_s = sum((r["generated_tokens"] - 1) / r["decode_tokens_per_s"] for r in runs)
     stats["decode_tokens_per_s"] = sum(r["generated_tokens"] - 1 for r in runs) / decode_s
     stats["hit_rate"] = stats["cache_hits"] / max(1, stats["expert_uses"])
+    weights = [r["generated_tokens"] for r in runs]  # every decode step scores one guess per layer
+    for key in [k for k in stats if k.startswith("prefetch_recall")]:
+        stats[key] = sum(r.get(key, 0.0) * w for r, w in zip(runs, weights)) / max(1, sum(weights))
     stats["requests"] = requests
     stats["per_request_tokens_per_s"] = [r["decode_tokens_per_s"] for r in runs]
     stats["per_request_bytes"] = [r["bytes_fetched"] for r in runs]

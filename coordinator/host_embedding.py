@@ -71,4 +71,8 @@ def move_embeddings_to_host(model: nn.Module) -> int:
     bytes freed."""
     old = model.model.embed_tokens
     model.model.embed_tokens = HostEmbedding(old.weight)
-    return old.weight.numel() * old.weight.element_size()
+    freed = old.weight.numel() * old.weight.element_size()
+    if old.weight.is_cuda:
+        del old
+        torch.cuda.empty_cache()  # back to the device, not only to torch's cache: the budget counts it free
+    return freed

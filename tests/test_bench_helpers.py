@@ -110,3 +110,23 @@ def test_belady_beats_lru_and_the_budget_goes_where_it_saves_most() -> None:
     assert best_spread([[0, 0, 5, 3, 1], [0, 0, 4, 4, 4]], 6, 2) == (5, [4, 2])
     # the coordinator's own ExpertCache, one layer, never re-planned: the same loads as the reference LRU
     assert coordinator_misses(steps[:, None, :], 3, 0, "lru", every=1000) == 6
+
+
+def test_guess_recall_scores_the_guess_made_d_layers_before() -> None:
+    """bench.cache_bound.guess_recall on a hand-made trace: 3 layers, 2 positions, top-2 routing; the guesses
+    for layer l come from layer l − d."""
+    import numpy as np
+
+    from bench.cache_bound import guess_recall
+
+    trace = np.array([[[0, 1], [2, 3], [4, 5]],
+                      [[0, 1], [2, 4], [6, 7]]])                     # [T=2, L=3, k=2]
+    ranked = np.zeros((2, 3, 2, 8), dtype=np.int64)                  # [T, L, reach=2, E]
+    ranked[:, 0, 0, :3] = [[2, 5, 3], [4, 0, 1]]                     # layer 0 guessing layer 1
+    ranked[:, 1, 0, :3] = [[4, 5, 0], [6, 1, 2]]                     # layer 1 guessing layer 2
+    ranked[:, 0, 1, :3] = [[5, 0, 1], [0, 1, 7]]                     # layer 0 guessing layer 2
+    # d = 1, top 2: layer 1 finds 2 (t0) and 4 (t1), layer 2 finds 4, 5 (t0) and 6 (t1): 5 of 8
+    assert guess_recall(trace, ranked, 1, 2) == 5 / 8
+    assert guess_recall(trace, ranked, 1, 3) == 6 / 8                # + 3 at t0 in layer 1
+    assert guess_recall(trace, ranked, 2, 2) == 1 / 4                # layer 2 only: 5 at t0
+    assert guess_recall(trace, ranked, 1, 2, skip=1) == 2 / 4        # t1 only: 4, then 6

@@ -122,7 +122,8 @@ def test_row_spans_of_the_prefill_dequantize() -> None:
 
 
 def test_kernels_match_hqq_in_triton_interpreter() -> None:
-    """Same kernels, CPU interpreter: 2/3/4-bit fused GEMV (direct, slot-indirect, split-K), dequantize."""
+    """Same kernels, CPU interpreter: 2/3/4-bit fused GEMV (direct, slot-indirect, split-K), the prefill path's
+    dequantize by ragged row blocks + matmul."""
     pytest.importorskip("triton")
     out = _run_check("cpu", 128, 256, "float32", interpret=True)
     assert "WORST" in out
