@@ -37,8 +37,9 @@ class ShellSpec:
     """hqq bits for attention q/k/v/o: 4, 8, or 16 (kept as in the checkpoint)."""
     attn_group_size: int = 64
     """hqq group size for attention weights."""
-    host_embeddings: bool = False
-    """Token embedding table in pinned host memory where that applies (``coordinator.host_embedding``)."""
+    host_embeddings: bool = True
+    """Token embedding table in pinned host memory where that applies (CUDA, untied lm_head:
+    ``coordinator.host_embedding``), as ``CoordinatorConfig.host_embeddings``."""
 
 
 def compute_dtype(config: MixtralConfig, device: torch.device) -> torch.dtype:
