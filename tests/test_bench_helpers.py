@@ -130,3 +130,26 @@ def test_guess_recall_scores_the_guess_made_d_layers_before() -> None:
     assert guess_recall(trace, ranked, 1, 3) == 6 / 8                # + 3 at t0 in layer 1
     assert guess_recall(trace, ranked, 2, 2) == 1 / 4                # layer 2 only: 5 at t0
     assert guess_recall(trace, ranked, 1, 2, skip=1) == 2 / 4        # t1 only: 4, then 6
+
+
+def test_far_guess_engine_serves_the_most_urgent_load_a_block_at_a_time() -> None:
+    """bench.far_guess's copy engine: a far guess in flight yields to a demand miss at the next block, and
+    the replay's loads and time add up on a one-layer trace that always hits."""
+    import numpy as np
+
+    from bench.far_guess import Engine, Load, replay
+
+    engine = Engine(tau=1.0, blocks=4)
+    far = Load(layer=3, expert=0, urgency=2, left=1.0)
+    engine.pending.append(far)
+    engine.run_until(0.5)                          # two blocks of the far copy
+    demand = Load(layer=1, expert=1, urgency=0, left=1.0)
+    engine.pending.append(demand)
+    assert engine.finish([demand]) == 1.5 and far.done_at is None and far.left == 0.5
+    assert engine.drain() == 2.0 and far.done_at == 2.0 and engine.busy == 2.0
+    trace = np.array([[[0, 1]]] * 6)               # [T=6, L=1, k=2]: experts 0 and 1 every step
+    ranked = np.zeros((6, 1, 1, 8), dtype=np.int64)
+    r = replay(trace, ranked, total=2, reach=1, top=2, c=0.25, tau=1.0, skip=2)
+    assert r["loads_per_token"] == 0 and r["ms_per_token"] == 0.25 and r["copy_busy"] == 0
+    r = replay(trace, ranked, total=2, reach=1, top=2, c=0.25, tau=1.0, skip=0)
+    assert r["loads_per_token"] == 2 / 6 and r["ms_per_token"] == (2.0 + 6 * 0.25) / 6   # two cold misses
