@@ -10,7 +10,8 @@ through the coordinator's own ``ExpertCache`` and ``SlotPlanner``, and times it 
 decode step: a layer computes for ``c`` ms once its experts have landed, one copy engine moves an expert in
 ``tau`` ms, block by block, the most urgent pending load first. R = 1 is the shape of today's decoder (which
 prefetches its one guess into spare buffers instead); the model ignores host gaps and launch costs, so its
-times are a lower bound to set beside the GPU's, not a prediction of them.
+times are a lower bound to set beside the GPU's, not a prediction of them. Rows marked "oracle" take
+guesses that are always right: what overlap alone could buy with the cache's own loads.
 """
 
 from __future__ import annotations
@@ -176,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
                     r = replay(trace, guesses, slots, reach, top, c, tau, a.skip)
                     lines.append(f"| {name}{label} | {reach} | {top} | {r['loads_per_token']:.1f} | "
                                  f"{r['wrong_per_token']:.1f} | {r['ms_per_token']:.1f} | {r['copy_busy']:.2f} |")
-                    print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
