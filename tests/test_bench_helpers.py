@@ -26,6 +26,19 @@ def test_sys_prefetch_items_become_coordinator_flags() -> None:
         (2, 1, False, False, 0, "lru")]
 
 
+def test_prefill_chunk_and_host_embedding_flags_reach_the_config() -> None:
+    """The coordinator's --prefill-chunk and --no-host-embeddings land in CoordinatorConfig (defaults 512, on)."""
+    from coordinator.__main__ import engine_config
+
+    base = ["serve", "--model", "m", "--workers", "127.0.0.1:1"]
+    default = engine_config(parse_args(base))
+    assert default.prefill_chunk == 512 and default.host_embeddings
+    changed = engine_config(parse_args([*base, "--prefill-chunk", "64", "--no-host-embeddings"]))
+    assert changed.prefill_chunk == 64 and not changed.host_embeddings
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--prefill-chunk", "0"])
+
+
 def _row(variant: str, ms: float, cap: float | None = None, hit: float = 1.0, mb: float = 0.0) -> dict[str, Any]:
     return {"variant": variant, "bits": 2, "cap_gb": cap, "k": 2, "tokens": 10, "ms_per_token": ms,
             "tokens_per_s": 1e3 / ms, "expert_uses": 640, "hit_rate": hit, "expert_bytes": 50e6,
