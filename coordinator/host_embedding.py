@@ -22,7 +22,9 @@ if gk.HAVE_TRITON:
 
     @triton.jit
     def _gather_kernel(ids_ptr, table_ptr, out_ptr, H: tl.constexpr, BLOCK: tl.constexpr):
-        """out[t, :] = table[ids[t], :] for token t = program 0's index; BLOCK columns per program 1."""
+        """out[t, :] = table[ids[t], :] for token t = program 0's index; BLOCK columns per program 1. Ids are
+        not bounds-checked here: the engine refuses prompt ids outside the vocabulary (``generate.validate``)
+        and samples only inside it."""
         t = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < H
