@@ -240,11 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         for d in range(1, a.reach + 1):
             found = " | ".join(f"{guess_recall(trace, ranked, d, n, a.skip):.3f}" for n in range(1, 5))
             lines.append(f"| {d} | {found} |")
+    emit(lines, a.out)
+    return 0
+
+
+def emit(lines: list[str], out: str) -> None:
+    """Prints a markdown report and writes it to ``out`` when one is given."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if a.out:
-        Path(a.out).write_text(text)
-    return 0
+    if out:
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":

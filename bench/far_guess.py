@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.cache_bound import routing_trace
+from bench.cache_bound import emit, routing_trace
 from bench.synth import MIXTRAL_8X7B
 
 
@@ -177,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = replay(trace, guesses, slots, reach, top, c, tau, a.skip)
                     lines.append(f"| {name}{label} | {reach} | {top} | {r['loads_per_token']:.1f} | "
                                  f"{r['wrong_per_token']:.1f} | {r['ms_per_token']:.1f} | {r['copy_busy']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(lines, a.out)
     return 0
 
 
