@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -23,11 +24,33 @@ from collections import deque
 from pathlib import Path
 
 
+RAY_WORKER_PORTS_END = 19999
+"""Ray's default ``--max-worker-port``: its worker processes listen at or below it (from 10002)."""
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for ports bound as port 0 and for outgoing connections (Linux: 32768-60999)."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now that stays free until it is used: picked between Ray's worker ports
+    and the kernel's ephemeral range, so neither a process binding port 0 (Ray starts many, between our pick
+    and the bind) nor an outgoing connection can take it first. The ephemeral range when that gap is empty."""
+    lo, hi = RAY_WORKER_PORTS_END + 1, ephemeral_ports()[0] - 1
+    candidates = random.sample(range(lo, hi + 1), min(64, hi - lo + 1)) if hi > lo else []
+    for port in [*candidates, 0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 class LocalRay:

@@ -258,3 +258,18 @@ def test_down_removes_everything(cluster: LocalRay, address: str, handover: dict
     handover["down"] = True
     nowhere = deploy(cluster, "status", "--address", f"127.0.0.1:{free_port()}", ok=False)
     assert nowhere.returncode == 1 and "no Ray cluster at" in nowhere.stderr
+
+
+def test_free_ports_stay_clear_of_ports_ray_and_the_kernel_hand_out() -> None:
+    """Ports picked for Ray's head, the coordinator and sshd lie between Ray's worker ports and the kernel's
+    ephemeral range, so Ray's own servers (bound as port 0 while the cluster starts) cannot take one first;
+    each is free to bind when returned."""
+    import socket
+
+    from deploy.local_ray import RAY_WORKER_PORTS_END, ephemeral_ports
+
+    lo, _ = ephemeral_ports()
+    for port in {free_port() for _ in range(20)}:
+        assert RAY_WORKER_PORTS_END < port < lo
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
