@@ -142,10 +142,11 @@ def belady_misses(steps: np.ndarray, slots: int, skip: int = 0) -> int:
     return misses
 
 
-def coordinator_misses(trace: np.ndarray, total: int, skip: int, eviction: str = "lrfu", every: int = 32) -> int:
+def coordinator_misses(trace: np.ndarray, total: int, skip: int, eviction: str = "lrfu", every: int = 32,
+                       admission: bool = False) -> int:
     """Loads of the coordinator's own cache (``ExpertCache`` with ``eviction``, slots re-planned by
-    ``SlotPlanner`` every ``every`` steps, no prefetch) over ``trace`` [T, L, k] with ``total`` slots, counted
-    after the first ``skip`` steps."""
+    ``SlotPlanner`` every ``every`` steps, no prefetch; with ``admission``, misses it does not admit pass
+    by) over ``trace`` [T, L, k] with ``total`` slots, counted after the first ``skip`` steps."""
     from coordinator.cache import ExpertCache, spread_slots
     from coordinator.partition import SlotPlanner
     from coordinator.replay import cache_step
@@ -162,7 +163,7 @@ def coordinator_misses(trace: np.ndarray, total: int, skip: int, eviction: str =
         for layer in range(layers):
             used = sorted(set(trace[t, layer].tolist()))
             planner.observe(layer, used)
-            cache_step(cache, layer, used)
+            cache_step(cache, layer, used, admission)
     return cache.counters.misses - before
 
 
@@ -229,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         (lru, lru_s), (bel, bel_s) = (best_spread(curves[n], total, 2) for n in ("lru", "belady"))
         lines.append(f"| {total} spread by DP | {1 - lru / uses:.3f} | {1 - bel / uses:.3f} | "
                      f"{lru / counted:.1f} | {bel / counted:.1f} |")
-        for eviction in ("lru", "lrfu"):
-            ours = coordinator_misses(trace, total, a.skip, eviction)
-            lines.append(f"|   the coordinator's cache, {eviction}, planned every 32 steps | {1 - ours / uses:.3f} | | "
+        for eviction, admission in (("lru", False), ("lrfu", False), ("lrfu", True)):
+            ours = coordinator_misses(trace, total, a.skip, eviction, admission=admission)
+            label = eviction + (" + admission" if admission else "")
+            lines.append(f"|   the coordinator's cache, {label}, planned every 32 steps | {1 - ours / uses:.3f} | | "
                          f"{ours / counted:.1f} | |")
         lines.append(f"|   Belady's spread | {bel_s} | | | |")
     if ranked is not None:

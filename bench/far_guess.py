@@ -11,7 +11,8 @@ decode step: a layer computes for ``c`` ms once its experts have landed, one cop
 ``tau`` ms, block by block, the most urgent pending load first. R = 1 is the shape of today's decoder (which
 prefetches its one guess into spare buffers instead); the model ignores host gaps and launch costs, so its
 times are a lower bound to set beside the GPU's, not a prediction of them. Rows marked "oracle" take
-guesses that are always right: what overlap alone could buy with the cache's own loads.
+guesses that are always right: what overlap alone could buy with the cache's own loads; "+ admission" rows
+keep out of the cache the misses ``ExpertCache.admits`` refuses (NOTES item 65).
 """
 
 from __future__ import annotations
@@ -79,8 +80,10 @@ class Engine:
 
 
 def replay(trace: np.ndarray, ranked: np.ndarray, total: int, reach: int, top: int, c: float, tau: float,
-           skip: int, blocks: int = 8, every: int = 32) -> dict[str, float]:
-    """Per-token loads and modelled time of the far-guess policy with ``total`` slots (see module doc)."""
+           skip: int, blocks: int = 8, every: int = 32, admission: bool = False) -> dict[str, float]:
+    """Per-token loads and modelled time of the far-guess policy with ``total`` slots (see module doc). With
+    ``admission`` (``ExpertCache.admits``), an expert the cache does not admit is still copied, into a
+    transient buffer for its step, and only remembered."""
     from coordinator.cache import ExpertCache, spread_slots
     from coordinator.partition import SlotPlanner
     from expert_workers.format import ExpertKey
@@ -91,12 +94,18 @@ def replay(trace: np.ndarray, ranked: np.ndarray, total: int, reach: int, top: i
     engine = Engine(tau, blocks)
     inflight: dict[tuple[int, int], Load] = {}
     guesses: set[tuple[int, int]] = set()  # (layer, expert) loaded on a guess for this step
+    transient: set[tuple[int, int]] = set()  # loaded for this step only (not admitted)
     count = {"loads": 0, "wrong": 0}
     now = start = busy0 = 0.0
 
     def load(layer: int, expert: int, urgency: int, protect: set[int], counted: bool) -> None:
-        cache.insert(layer, expert, cache.take_victim(layer, protect), None)  # type: ignore[arg-type]
-        for key in [key for key in inflight if key[0] == layer and not cache.contains(ExpertKey(*key))]:
+        if not admission or cache.admits(layer, expert, protect):
+            cache.insert(layer, expert, cache.take_victim(layer, protect), None)  # type: ignore[arg-type]
+        else:
+            cache.remember(layer, expert)
+            transient.add((layer, expert))
+        for key in [key for key in inflight if key[0] == layer and key not in transient
+                    and not cache.contains(ExpertKey(*key))]:
             gone = inflight.pop(key)  # evicted before it landed: its remaining blocks are cancelled
             if gone in engine.pending:
                 engine.pending.remove(gone)
@@ -116,7 +125,8 @@ def replay(trace: np.ndarray, ranked: np.ndarray, total: int, reach: int, top: i
             used = sorted(set(trace[t, layer].tolist()))
             planner.observe(layer, used)
             engine.run_until(now)
-            misses = [f.expert for f in cache.lookup(layer, used) if f.buffer is None]
+            misses = [f.expert for f in cache.lookup(layer, used) if f.buffer is None
+                      and (layer, f.expert) not in transient]  # a transient copy made for this step serves it
             for e in misses:  # demand: the most urgent copies
                 load(layer, e, 0, set(used), counted)
             count["wrong"] += counted * sum(1 for g in guesses if g[0] == layer and g[1] not in used)
@@ -125,12 +135,14 @@ def replay(trace: np.ndarray, ranked: np.ndarray, total: int, reach: int, top: i
                 if layer + d < layers:
                     guess = [int(e) for e in ranked[t, layer, d - 1, :top]]
                     for e in guess:
-                        if not cache.contains(ExpertKey(layer + d, e)):
+                        if not cache.contains(ExpertKey(layer + d, e)) and (layer + d, e) not in transient:
                             load(layer + d, e, d, set(guess), counted)
                             guesses.add((layer + d, e))
             need = [inflight.pop((layer, e)) for e in used if (layer, e) in inflight]
+            transient -= {(layer, e) for e in used}
             now = max(now, engine.finish(need) if need else now) + c
-        guesses.clear()  # a guess is for its own step
+        guesses.clear()  # a guess is for its own step, and so is a transient copy
+        transient.clear()
     tokens = steps - skip
     return {"loads_per_token": count["loads"] / tokens, "wrong_per_token": count["wrong"] / tokens,
             "ms_per_token": (now - start) / tokens, "copy_busy": (engine.busy - busy0) / max(now - start, 1e-9)}
@@ -171,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|"]
     oracle = oracle_guesses(trace, a.reach)
     for name, slots, c, tau in cases:
+        r = replay(trace, ranked, slots, 1, 2, c, tau, a.skip, admission=True)
+        lines.append(f"| {name} + admission | 1 | 2 | {r['loads_per_token']:.1f} | {r['wrong_per_token']:.1f} | "
+                     f"{r['ms_per_token']:.1f} | {r['copy_busy']:.2f} |")
         for guesses, label in ((ranked, ""), (oracle, " (oracle)")):
             for reach in range(1, a.reach + 1):
                 for top in (1, 2) if not label else (2,):

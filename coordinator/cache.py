@@ -202,7 +202,27 @@ class ExpertCache:
         now, worth = self._clock[layer], self._worth[layer]
         return min(candidates, key=lambda e: worth[e][0] * LRFU_DECAY ** (now - worth[e][1]))
 
+    def _decayed(self, layer: int, expert: int) -> float:
+        worth, at = self._worth[layer].get(expert, (0.0, self._clock[layer]))
+        return worth * LRFU_DECAY ** (self._clock[layer] - at)
+
     # -- admission -----------------------------------------------------------------------------------
+    def admits(self, layer: int, expert: int, protect: set[int]) -> bool:
+        """Whether a missed ``expert`` should take a place in the layer (admission, as TinyLFU puts it in front
+        of a cache): always with a free buffer or under LRU; under LRFU only when its worth counting this use
+        exceeds the worth of the entry it would evict, so a one-off does not push out an expert the layer
+        keeps using. A caller that does not admit computes from a transient buffer and calls ``remember``.
+        On the bench model's routing it saves 12-13% of the loads at every budget (``bench.cache_bound``);
+        not wired into the decode path yet."""
+        if self.eviction != "lrfu" or self._free[layer]:
+            return True
+        victim = self._victim(layer, protect)
+        return victim is None or self._decayed(layer, expert) + 1.0 > self._decayed(layer, victim)
+
+    def remember(self, layer: int, expert: int) -> None:
+        """Counts a use of an expert that was computed but not admitted (its worth grows toward admission)."""
+        self._used(layer, expert)
+
     def take_victim(self, layer: int, protect: set[int]) -> int:
         """A buffer of ``layer`` to load into: a free one, else the buffer of the entry the eviction policy
         picks among those not in ``protect`` (experts this step still has to compute), which is evicted."""

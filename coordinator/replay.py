@@ -16,10 +16,12 @@ from coordinator.engine import Coordinator
 from expert_workers.source import ExpertSource
 
 
-def cache_step(cache: ExpertCache, layer: int, used: list[int]) -> None:
+def cache_step(cache: ExpertCache, layer: int, used: list[int], admission: bool = False) -> None:
     """One MoE step's cache bookkeeping in the order ExpertRunner keeps (resident and prefetched experts
     first, then the misses into victims this step does not need), without moving any bytes: for replaying a
-    routing trace through the cache alone (tests/test_cache.py, bench/cache_bound.py)."""
+    routing trace through the cache alone (tests/test_cache.py, bench/cache_bound.py). ``admission``: a miss
+    the cache does not admit (``ExpertCache.admits``) is only remembered, as if computed from a transient
+    buffer."""
     todo = set(used)
     found = cache.lookup(layer, used)
     for f in found:
@@ -29,7 +31,10 @@ def cache_step(cache: ExpertCache, layer: int, used: list[int]) -> None:
                 cache.promote(layer, f.expert, todo)
     for f in found:
         if f.buffer is None:
-            cache.insert(layer, f.expert, cache.take_victim(layer, todo), None)  # type: ignore[arg-type]
+            if admission and not cache.admits(layer, f.expert, todo):
+                cache.remember(layer, f.expert)
+            else:
+                cache.insert(layer, f.expert, cache.take_victim(layer, todo), None)  # type: ignore[arg-type]
             todo.discard(f.expert)
 
 
