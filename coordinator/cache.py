@@ -212,7 +212,7 @@ class ExpertCache:
         of a cache): always with a free buffer or under LRU; under LRFU only when its worth counting this use
         exceeds the worth of the entry it would evict, so a one-off does not push out an expert the layer
         keeps using. A caller that does not admit computes from a transient buffer and calls ``remember``.
-        On the bench model's routing it saves 12-13% of the loads at every budget (``bench.cache_bound``);
+        On the bench model's routing it saves 10-12% of the loads at every budget (``bench.cache_bound``);
         not wired into the decode path yet."""
         if self.eviction != "lrfu" or self._free[layer]:
             return True
