@@ -42,6 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eviction", choices=EVICTIONS, default="lrfu",
                    help="which expert a full cache layer evicts: least recently used, or least recency-weighted "
                    "use count (lrfu)")
+    p.add_argument("--admission", action="store_true",
+                   help="with lrfu eviction: a miss joins the cache only when it is worth more than what it would "
+                   "evict, else it waits in a prefetch spare (measured on CPU replays only)")
     p.add_argument("--attn-bits", type=int, choices=(4, 8, 16), default=4, help="hqq bits for attention")
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=512,
@@ -96,7 +99,7 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> CoordinatorC
     return CoordinatorConfig(
         device=args.device or default_device(), experts_per_layer=args.experts_per_layer,
         gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
-        repartition_every=args.repartition_every, eviction=args.eviction,
+        repartition_every=args.repartition_every, eviction=args.eviction, admission=args.admission,
         attn_bits=args.attn_bits,
         max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, max_queue=getattr(args, "max_queue", 16),
         fetch_workers=args.fetch_workers, fetch_timeout_s=args.fetch_timeout_s,

@@ -74,6 +74,8 @@ class CacheCounters:
     """Guesses two layers ahead not prefetched because the copy engine was busy; counted by the caller."""
     slots_moved: int = 0
     """Buffers ``ExpertCache.repartition`` moved from one layer to another."""
+    not_admitted: int = 0
+    """Misses and used prefetched experts kept out of the LRU by admission (held in a spare instead)."""
 
     @property
     def hits(self) -> int:
@@ -88,7 +90,7 @@ class CacheCounters:
                                  "cache_misses": self.misses, "prefetch_issued": self.prefetch_issued,
                                  "prefetch_used": self.prefetch_used,
                                  "prefetch_ahead_skipped": self.prefetch_ahead_skipped,
-                                 "cache_slots_moved": self.slots_moved}
+                                 "cache_slots_moved": self.slots_moved, "cache_not_admitted": self.not_admitted}
         for i, c in enumerate(self.layers):
             out[f"layer{i}_hits"] = c.hits
             out[f"layer{i}_misses"] = c.misses
@@ -112,10 +114,12 @@ class ExpertCache:
     order, evicting by ``eviction``) plus ``spares`` prefetch buffers, in one device arena."""
 
     def __init__(self, num_layers: int, slots: int | Sequence[int], spares: int, slot_bytes: int,
-                 device: torch.device, eviction: str = "lru") -> None:
+                 device: torch.device, eviction: str = "lru", admission: bool = False) -> None:
         if eviction not in EVICTIONS:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
         self.eviction = eviction
+        self.admission = admission
+        """Used prefetched experts join the LRU only when ``admits`` says so (the runner asks it for misses)."""
         self._clock = [0] * num_layers  # steps each layer has seen (lookups), for LRFU's decay
         self._worth: list[dict[int, tuple[float, int]]] = [{} for _ in range(num_layers)]  # expert -> (worth, at)
         self.layer_slots = [slots] * num_layers if isinstance(slots, int) else list(slots)
@@ -211,9 +215,9 @@ class ExpertCache:
         """Whether a missed ``expert`` should take a place in the layer (admission, as TinyLFU puts it in front
         of a cache): always with a free buffer or under LRU; under LRFU only when its worth counting this use
         exceeds the worth of the entry it would evict, so a one-off does not push out an expert the layer
-        keeps using. A caller that does not admit computes from a transient buffer and calls ``remember``.
-        On the bench model's routing it saves 10-12% of the loads at every budget (``bench.cache_bound``);
-        not wired into the decode path yet."""
+        keeps using. A caller that does not admit holds the expert elsewhere for its step (``ExpertRunner``: in a
+        spare buffer, like a prefetched expert) and calls ``remember``. On the bench model's routing it saves
+        10-12% of the loads at every budget (``bench.cache_bound``). Opt-in: ``CoordinatorConfig.admission``."""
         if self.eviction != "lrfu" or self._free[layer]:
             return True
         victim = self._victim(layer, protect)
@@ -243,6 +247,11 @@ class ExpertCache:
         """A used prefetched expert joins the layer's LRU: its spare buffer changes owner, and the layer
         gives one of its buffers (free, or its LRU victim) to the spare pool in exchange."""
         key = ExpertKey(layer, expert)
+        if self.admission and not self.admits(layer, expert, protect):
+            self.remember(layer, expert)  # stays in its spare (newest now) until a prefetch reclaims it
+            self._prefetched.move_to_end(key)
+            self.counters.not_admitted += 1
+            return
         spare = self._prefetched.pop(key)
         try:
             given = self.take_victim(layer, protect)
@@ -283,11 +292,12 @@ class ExpertCache:
         return moved
 
     # -- prefetch spares -----------------------------------------------------------------------------
-    def reserve_spare(self, key: ExpertKey, manifest: ExpertManifest,
-                      keep: set[ExpertKey]) -> tuple[int, ExpertKey | None] | None:
+    def reserve_spare(self, key: ExpertKey, manifest: ExpertManifest, keep: set[ExpertKey],
+                      prefetch: bool = True) -> tuple[int, ExpertKey | None] | None:
         """A spare buffer for prefetching ``key``: a free one, else the one of the oldest prefetched expert
         not in ``keep`` (returned second: its load, if still in flight, must be discarded). None when no
-        spare can be given (the prefetch is skipped, never waited for)."""
+        spare can be given (the prefetch is skipped, never waited for). ``prefetch=False``: a demand miss
+        admission kept out of the LRU, held like a prefetched expert but never counted as one."""
         reclaimed = None
         if self._spare_free:
             buf = self._spare_free.pop()
@@ -298,7 +308,8 @@ class ExpertCache:
             buf = self._prefetched.pop(reclaimed)
             self._prefetch_unused.discard(reclaimed)
         self._prefetched[key] = buf
-        self._prefetch_unused.add(key)
+        if prefetch:
+            self._prefetch_unused.add(key)
         self.manifests[buf] = manifest
         return buf, reclaimed
 

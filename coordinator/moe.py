@@ -297,14 +297,36 @@ class ExpertRunner:
                 self._pump()
                 continue
             pending.remove(load)
-            buf = self.cache.take_victim(layer, protect)
+            buf, admitted = self._place(layer, load, protect)
             try:
                 manifest = self.transfers.land(load, buf)
             except BaseException:
-                self.cache.free_buffer(layer, buf)
+                if admitted:
+                    self.cache.free_buffer(layer, buf)
+                else:
+                    self.cache.release_spare(load.key)
                 raise
-            self.cache.insert(layer, load.key.expert, buf, manifest)
+            if admitted:
+                self.cache.insert(layer, load.key.expert, buf, manifest)
             on_land(buf, load.key.expert)
+
+    def _place(self, layer: int, load: Load, protect: set[int]) -> tuple[int, bool]:
+        """The buffer a demand miss lands in, and whether it joins the layer's LRU: its eviction victim, or,
+        when admission refuses it (``ExpertCache.admits``), a spare buffer, where it stays like a prefetched
+        expert until a prefetch needs the spare (a spare this step's experts or the latest guess hold is never
+        taken; with none to give, the miss is admitted after all)."""
+        expert = load.key.expert
+        if self.cache.admission and not self.cache.admits(layer, expert, protect):
+            keep = {ExpertKey(layer, e) for e in protect} | self._held
+            got = self.cache.reserve_spare(load.key, load.manifest, keep, prefetch=False)
+            if got is not None:
+                buf, reclaimed = got
+                if reclaimed is not None and reclaimed in self._prefetch_loads:
+                    self._orphans.append(self._prefetch_loads.pop(reclaimed)[0])
+                self.cache.remember(layer, expert)
+                self.cache.counters.not_admitted += 1
+                return buf, False
+        return self.cache.take_victim(layer, protect), True
 
     def _apply(self, buf: int, expert: int, x: torch.Tensor, routing: list[list[int]],
                top_k_weights: torch.Tensor, out: torch.Tensor) -> None:

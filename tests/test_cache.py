@@ -168,13 +168,16 @@ def test_planner_gives_slots_where_the_traffic_spreads() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(k=st.integers(1, 4), spares=st.integers(0, 3), eviction=st.sampled_from(EVICTIONS),
+       admission=st.booleans(),
        ops=st.lists(st.tuples(st.integers(0, 2), st.sets(st.integers(0, 5), min_size=1, max_size=4),
                               st.lists(st.integers(0, 5), max_size=3), st.integers(0, 5)), max_size=40))
-def test_every_buffer_has_one_owner(k: int, spares: int, eviction: str,
+def test_every_buffer_has_one_owner(k: int, spares: int, eviction: str, admission: bool,
                                     ops: list[tuple[int, set[int], list[int], int]]) -> None:
     """Steps interleaved with prefetches (reserve, promote on use, reclaim) and repartitions (buffers moved
-    between layers) never lose or share a buffer, and the counters stay consistent."""
-    cache = ExpertCache(3, k, spares, 1, torch.device("cpu"), eviction=eviction)
+    between layers) never lose or share a buffer, and the counters stay consistent; with admission too
+    (a used prefetched expert may stay in its spare, a miss may pass by)."""
+    admission = admission and eviction == "lrfu"
+    cache = ExpertCache(3, k, spares, 1, torch.device("cpu"), eviction=eviction, admission=admission)
     issued = 0
     for layer, used, guesses, shift in ops:
         if shift:  # move up to `shift` slots from one layer to the next (each keeps one at least)
@@ -186,7 +189,7 @@ def test_every_buffer_has_one_owner(k: int, spares: int, eviction: str,
                 targets[dst] += n
                 cache.repartition(targets)
                 cache.check()
-        run_step(cache, layer, sorted(used))
+        run_step(cache, layer, sorted(used), admission)
         nxt = (layer + 1) % 3
         keep = {ExpertKey(nxt, e) for e in guesses}
         for e in guesses:

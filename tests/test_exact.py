@@ -93,6 +93,21 @@ def test_tiny_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, k: int, prefetch:
         assert stats["decode_segments_speculated"] > stats["decode_segments_redone"] > 0
 
 
+@pytest.mark.parametrize(("decode", "zero_copy"), [("transformers", False), ("static", True)])
+def test_admission_keeps_tokens_exact(tiny_ckpt: Path, tiny_exact: ExpertSource, decode: str,
+                                      zero_copy: bool) -> None:
+    """With admission, misses the cache does not admit wait in prefetch spares instead of evicting: the tokens
+    stay transformers', every buffer keeps one owner (``cache.check`` after each prompt), and the prefetch
+    counters count only prefetches."""
+    cfg = CoordinatorConfig(attn_bits=16, experts_per_layer=2, prefetch=2, decode=decode, zero_copy=zero_copy,
+                            admission=True)
+    stats = assert_matches(tiny_ckpt, tiny_exact, reference_model(tiny_ckpt), TINY_PROMPTS, cfg)
+    assert stats["cache_not_admitted"] > 0 and stats["cache_misses"] > 0
+    assert 0 < stats["prefetch_used"] <= stats["prefetch_issued"]
+    with pytest.raises(ValueError, match="lrfu"):
+        CoordinatorConfig(admission=True, eviction="lru")
+
+
 @pytest.mark.parametrize(("chunk", "decode"), [(7, "transformers"), (4, "static")])
 def test_chunked_prefill_gives_the_one_pass_tokens(tiny_ckpt: Path, tiny_exact: ExpertSource, chunk: int,
                                                   decode: str) -> None:
