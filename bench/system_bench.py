@@ -275,7 +275,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                    "prefetch_used": stats["prefetch_used"], "bytes_fetched": stats["bytes_fetched"],
                    "prefetch_ahead_skipped": server.get("prefetch_ahead_skipped"),
                    "hit_rate": stats.get("hit_rate", 0.0), "prefetch_recall": stats.get("prefetch_recall"),
-                   "bytes_per_token": stats["bytes_fetched"] / (gen + args.sys_requests),
+                   "bytes_per_token": stats["bytes_fetched"] / max(1, int(stats["generated_tokens"])),
                    "vram_peak_bytes": stats["gpu_peak_bytes"] + ctx_bytes,
                    "vram_note": "coordinator's torch.cuda.max_memory_allocated + CUDA context",
                    "coordinator_start_s": up, "client_wall_s": wall, "token_ids": [], "request_stats": stats}

@@ -203,8 +203,7 @@ class ExpertCache:
         candidates = [e for e in self._lru[layer] if e not in protect]  # least recently used first
         if not candidates or self.eviction == "lru":
             return candidates[0] if candidates else None
-        now, worth = self._clock[layer], self._worth[layer]
-        return min(candidates, key=lambda e: worth[e][0] * LRFU_DECAY ** (now - worth[e][1]))
+        return min(candidates, key=lambda e: self._decayed(layer, e))
 
     def _decayed(self, layer: int, expert: int) -> float:
         worth, at = self._worth[layer].get(expert, (0.0, self._clock[layer]))
@@ -224,8 +223,10 @@ class ExpertCache:
         return victim is None or self._decayed(layer, expert) + 1.0 > self._decayed(layer, victim)
 
     def remember(self, layer: int, expert: int) -> None:
-        """Counts a use of an expert that was computed but not admitted (its worth grows toward admission)."""
+        """Counts a use of an expert that was computed but not admitted: its worth grows toward admission, and
+        ``counters.not_admitted`` by one."""
         self._used(layer, expert)
+        self.counters.not_admitted += 1
 
     def take_victim(self, layer: int, protect: set[int]) -> int:
         """A buffer of ``layer`` to load into: a free one, else the buffer of the entry the eviction policy
@@ -250,7 +251,6 @@ class ExpertCache:
         if self.admission and not self.admits(layer, expert, protect):
             self.remember(layer, expert)  # stays in its spare (newest now) until a prefetch reclaims it
             self._prefetched.move_to_end(key)
-            self.counters.not_admitted += 1
             return
         spare = self._prefetched.pop(key)
         try:

@@ -324,7 +324,6 @@ class ExpertRunner:
                 if reclaimed is not None and reclaimed in self._prefetch_loads:
                     self._orphans.append(self._prefetch_loads.pop(reclaimed)[0])
                 self.cache.remember(layer, expert)
-                self.cache.counters.not_admitted += 1
                 return buf, False
         return self.cache.take_victim(layer, protect), True
 
