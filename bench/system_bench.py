@@ -295,22 +295,22 @@ def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
     """``--sys-prefetch`` items, "P", "P:A" (prefetch P experts per guess, guesses A layers ahead), each with
     optional trailing letters "n" (no speculative segments: ``--no-speculate``), "p" (no pipelined tokens:
     ``--no-pipeline``), "f" (slots fixed, evenly spread: ``--repartition-every 0``), "l" (LRU eviction:
-    ``--eviction lru``) and "a" (``--admission``), as (row name suffix, coordinator flags); the first item
+    ``--eviction lru``) and "a" (every miss admitted: ``--no-admission``), as (row name suffix, coordinator flags); the first item
     is (d) itself."""
     out = []
     for item in str(spec).split(","):
         core = item.rstrip("npfla")
         letters = item[len(core):]
-        nospec, nopipe, fixed, lru, admit = ("n" in letters, "p" in letters, "f" in letters, "l" in letters,
-                                             "a" in letters)
+        nospec, nopipe, fixed, lru, admit_all = ("n" in letters, "p" in letters, "f" in letters, "l" in letters,
+                                                 "a" in letters)
         p, _, a = core.partition(":")
         ahead = int(a or 1)
         name = (f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else "")
                 + ("_nopipe" if nopipe else "") + ("_fixedslots" if fixed else "") + ("_lru" if lru else "")
-                + ("_admission" if admit else ""))
+                + ("_no_admission" if admit_all else ""))
         flags = ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]
         out.append((name, flags + ["--no-speculate"] * nospec + ["--no-pipeline"] * nopipe
-                    + ["--repartition-every", "0"] * fixed + ["--eviction", "lru"] * lru + ["--admission"] * admit))
+                    + ["--repartition-every", "0"] * fixed + ["--eviction", "lru"] * lru + ["--no-admission"] * admit_all))
     return out
 
 

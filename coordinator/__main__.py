@@ -42,9 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eviction", choices=EVICTIONS, default="lrfu",
                    help="which expert a full cache layer evicts: least recently used, or least recency-weighted "
                    "use count (lrfu)")
-    p.add_argument("--admission", action="store_true",
+    p.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
                    help="with lrfu eviction: a miss joins the cache only when it is worth more than what it would "
-                   "evict, else it waits in a prefetch spare (measured on CPU replays only)")
+                   "evict, else it is computed from a prefetch spare (default; --no-admission: every miss joins)")
     p.add_argument("--attn-bits", type=int, choices=(4, 8, 16), default=4, help="hqq bits for attention")
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=512,

@@ -216,7 +216,7 @@ class ExpertCache:
         exceeds the worth of the entry it would evict, so a one-off does not push out an expert the layer
         keeps using. A caller that does not admit holds the expert elsewhere for its step (``ExpertRunner``: in a
         spare buffer, like a prefetched expert) and calls ``remember``. On the bench model's routing it saves
-        10-12% of the loads at every budget (``bench.cache_bound``). Opt-in: ``CoordinatorConfig.admission``."""
+        10-12% of the loads at every budget (``bench.cache_bound``). On by default: ``CoordinatorConfig.admission``."""
         if self.eviction != "lrfu" or self._free[layer]:
             return True
         victim = self._victim(layer, protect)

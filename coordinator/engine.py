@@ -112,7 +112,7 @@ class Coordinator:
         slot_bytes = -(-max(m.nbytes for m in manifests.values()) // ALIGN) * ALIGN
         self.max_positions = min(mc.max_position_embeddings, config.max_seq_len or mc.max_position_embeddings)
         self.cache = ExpertCache(mc.num_hidden_layers, self._layer_slots(slot_bytes, manifests), config.spares,
-                                 slot_bytes, self.device, config.eviction, config.admission)
+                                 slot_bytes, self.device, config.eviction, config.admits_by_worth)
         self.transfers = Transfers(source, self.cache.arena, staging=config.fetch_workers + config.spares,
                                    workers=config.fetch_workers, timeout_s=config.fetch_timeout_s,
                                    zero_copy=config.zero_copy)

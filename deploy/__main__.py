@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="coordinator: steps between two plans of each layer's cache slots, 0 = evenly spread [32]")
     up.add_argument("--eviction", choices=EVICTIONS, default="lrfu",
                     help="coordinator: which expert a full cache layer evicts [lrfu]")
+    up.add_argument("--no-admission", action="store_true",
+                    help="coordinator: every miss joins the cache (default: with lrfu, only one worth more than "
+                         "what it would evict)")
     up.add_argument("--decode", choices=DECODE_MODES, default="auto",
                     help="coordinator single-token steps: graphs, static, transformers, or auto [auto]")
     up.add_argument("--no-speculate", action="store_true",
@@ -115,7 +118,8 @@ def _spec(args: argparse.Namespace) -> DeploySpec:
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
                       attn_bits=args.attn_bits, device=args.device, experts_per_layer=args.experts_per_layer,
                       gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
-                      repartition_every=args.repartition_every, eviction=args.eviction, decode=args.decode,
+                      repartition_every=args.repartition_every, eviction=args.eviction,
+                      admission=not args.no_admission, decode=args.decode,
                       speculate=not args.no_speculate, pipeline=not args.no_pipeline,
                       namespace=args.namespace,
                       expert_host=args.expert_host, auth_token_file=_absolute(args.auth_token_file),

@@ -58,6 +58,9 @@ class DeploySpec:
     ``CoordinatorConfig.repartition_every``)."""
     eviction: str = "lrfu"
     """Which expert a full cache layer evicts: "lru" or "lrfu" (``CoordinatorConfig.eviction``)."""
+    admission: bool = True
+    """Whether a miss must be worth more than the entry it would evict to join the cache
+    (``CoordinatorConfig.admission``)."""
     decode: str = "auto"
     """How the coordinator runs single-token steps (``CoordinatorConfig.decode``)."""
     speculate: bool = True
@@ -158,6 +161,7 @@ class DeploySpec:
                 "--repartition-every", str(self.repartition_every), "--eviction", self.eviction,
                 "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
         args += [] if self.pipeline else ["--no-pipeline"]
+        args += [] if self.admission else ["--no-admission"]
         if self.experts_per_layer is not None:
             args += ["--experts-per-layer", str(self.experts_per_layer)]
         elif self.gpu_memory_gb is not None:

@@ -17,26 +17,26 @@ def test_sys_prefetch_items_become_coordinator_flags() -> None:
     settings = prefetch_settings("2,2n,0,2:2,2p,1np,2fl,2a")
     assert [name for name, _ in settings] == ["_prefetch2", "_prefetch2_nospec", "_prefetch0", "_prefetch2_ahead2",
                                               "_prefetch2_nopipe", "_prefetch1_nospec_nopipe",
-                                              "_prefetch2_fixedslots_lru", "_prefetch2_admission"]
+                                              "_prefetch2_fixedslots_lru", "_prefetch2_no_admission"]
     parsed = [parse_args(["serve", "--model", "m", "--workers", "127.0.0.1:1", *flags]) for _, flags in settings]
     assert [(a.prefetch, a.prefetch_ahead, a.no_speculate, a.no_pipeline, a.repartition_every, a.eviction,
              a.admission) for a in parsed] == [
-        (2, 1, False, False, 32, "lrfu", False), (2, 1, True, False, 32, "lrfu", False),
-        (0, 1, False, False, 32, "lrfu", False), (2, 2, False, False, 32, "lrfu", False),
-        (2, 1, False, True, 32, "lrfu", False), (1, 1, True, True, 32, "lrfu", False),
-        (2, 1, False, False, 0, "lru", False), (2, 1, False, False, 32, "lrfu", True)]
+        (2, 1, False, False, 32, "lrfu", True), (2, 1, True, False, 32, "lrfu", True),
+        (0, 1, False, False, 32, "lrfu", True), (2, 2, False, False, 32, "lrfu", True),
+        (2, 1, False, True, 32, "lrfu", True), (1, 1, True, True, 32, "lrfu", True),
+        (2, 1, False, False, 0, "lru", True), (2, 1, False, False, 32, "lrfu", False)]
 
 
 def test_new_coordinator_flags_reach_the_config() -> None:
-    """The coordinator's --prefill-chunk, --no-host-embeddings and --admission land in CoordinatorConfig
-    (defaults 512, on, off)."""
+    """The coordinator's --prefill-chunk, --no-host-embeddings and --no-admission land in CoordinatorConfig
+    (defaults 512, on, on)."""
     from coordinator.__main__ import engine_config
 
     base = ["serve", "--model", "m", "--workers", "127.0.0.1:1"]
     default = engine_config(parse_args(base))
-    assert default.prefill_chunk == 512 and default.host_embeddings and not default.admission
-    changed = engine_config(parse_args([*base, "--prefill-chunk", "64", "--no-host-embeddings", "--admission"]))
-    assert changed.prefill_chunk == 64 and not changed.host_embeddings and changed.admission
+    assert default.prefill_chunk == 512 and default.host_embeddings and default.admission
+    changed = engine_config(parse_args([*base, "--prefill-chunk", "64", "--no-host-embeddings", "--no-admission"]))
+    assert changed.prefill_chunk == 64 and not changed.host_embeddings and not changed.admission
     with pytest.raises(SystemExit):
         parse_args([*base, "--prefill-chunk", "0"])
 

@@ -229,16 +229,17 @@ def test_chunked_prefill_on_gpu_gives_the_one_pass_logits(kernel_ckpt: Path,
 
 
 # -- the CUDA-graph decode path (coordinator.decode) -------------------------------------------------------
-@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "ahead"),
-                         [(8, 0, True, 1), (2, 2, True, 1), (3, 1, False, 1), (2, 2, True, 2)])
+@pytest.mark.parametrize(("k", "prefetch", "zero_copy", "ahead", "admission"),
+                         [(8, 0, True, 1, False), (2, 2, True, 1, False), (3, 1, False, 1, False),
+                          (2, 2, True, 2, False), (3, 2, True, 1, True)])
 def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
-                                           prefetch: int, zero_copy: bool, ahead: int,
+                                           prefetch: int, zero_copy: bool, ahead: int, admission: bool,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """decode "graphs" (static buffers, one CUDA graph per segment, experts from the arena) gives the logits of
     transformers' own forward on the same engine settings, step after step, over requests that reuse the
     captured graphs and sequences that outgrow a span (new graphs); the cache stays consistent and the
     counters add up. ahead 2: the far guesses go only into an idle copy engine (the transformers path
-    ignores them)."""
+    ignores them). admission: misses the cache refuses are computed from prefetch spares."""
     import coordinator.decode
     from expert_workers.format import INT2
 
@@ -246,7 +247,8 @@ def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: 
 
     store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xg"), progress=False).load()
     src = make_source(stores=[store])
-    base = dict(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy)
+    base = dict(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, zero_copy=zero_copy,
+                admission=admission)
     graphs = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, prefetch_ahead=ahead))  # auto: graphs apply
     plain = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, decode="transformers"))
     try:
@@ -264,6 +266,7 @@ def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: 
         stats = graphs.runner.stats()
         assert stats["expert_uses"] == stats["cache_hits"] + stats["cache_misses"] > 0
         assert stats["prefetch_used"] <= stats["prefetch_issued"]
+        assert (stats["cache_not_admitted"] > 0) == admission
         events = graphs.generate(GenerateParams(prompt_token_ids=(1, 2, 3), max_new_tokens=8, temperature=0.7, seed=3))
         assert len(events) == 9 and events[-1].stats["generated_tokens"] == 8
         graphs.cache.check()
@@ -286,16 +289,17 @@ def deterministic_down(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gk, "DOWN", dataclasses.replace(gk.DOWN, split_k=1))
 
 
-@pytest.mark.parametrize(("k", "prefetch"), [(2, 2), (3, 0)])
+@pytest.mark.parametrize(("k", "prefetch", "admission"), [(2, 2, False), (3, 0, False), (3, 2, True)])
 def test_graph_speculation_is_bit_exact(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory, k: int,
-                                        prefetch: int, deterministic_down: None) -> None:
+                                        prefetch: int, admission: bool, deterministic_down: None) -> None:
     """Segments queued before their layer's routing is read (the default) give the very logits of waiting
     for it, step after step through misses and evictions; the stale ones were redone."""
     from expert_workers.format import INT2
 
     store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xs"), progress=False).load()
     src = make_source(stores=[store])
-    base = dict(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, decode="graphs")
+    base = dict(device="cuda", attn_bits=4, experts_per_layer=k, prefetch=prefetch, decode="graphs",
+                admission=admission)
     spec = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base))
     wait = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, speculate=False))
     try:

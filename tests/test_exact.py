@@ -19,7 +19,7 @@ import torch
 from coordinator import Coordinator, CoordinatorConfig, GenerateParams
 from coordinator.engine import load_tokenizer
 from coordinator.reference import greedy, reference_model
-from expert_workers.format import EXACT, INT2, QuantSpec
+from expert_workers.format import EXACT, INT2, ExpertKey, QuantSpec
 from expert_workers.source import ExpertSource, make_source
 from expert_workers.store import ExpertStore
 from modelzoo.tiny import TinySpec, build_tiny_random
@@ -104,8 +104,7 @@ def test_admission_keeps_tokens_exact(tiny_ckpt: Path, tiny_exact: ExpertSource,
     stats = assert_matches(tiny_ckpt, tiny_exact, reference_model(tiny_ckpt), TINY_PROMPTS, cfg)
     assert stats["cache_not_admitted"] > 0 and stats["cache_misses"] > 0
     assert 0 < stats["prefetch_used"] <= stats["prefetch_issued"]
-    with pytest.raises(ValueError, match="lrfu"):
-        CoordinatorConfig(admission=True, eviction="lru")
+    assert cfg.admits_by_worth and not cfg.with_(eviction="lru").admits_by_worth  # lru admits every miss
 
 
 @pytest.mark.parametrize(("chunk", "decode"), [(7, "transformers"), (4, "static")])
@@ -320,8 +319,8 @@ def test_static_decoder_holds_its_request(tiny_ckpt: Path, tiny_exact: ExpertSou
 def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact: ExpertSource, ahead: int) -> None:
     """What the host does between two graph replays, run on CPU: after each layer's routed experts are made
     resident, ``decoder.rows`` (what the next segment gathers its arena rows from) names the row each routed
-    expert sits in, through misses, evictions (k = 2 of 8) and guesses one or two layers ahead, and every
-    buffer keeps one owner."""
+    expert sits in, through misses, evictions (k = 2 of 8), misses admission keeps in spares and guesses one
+    or two layers ahead, and every buffer keeps one owner."""
     import random
 
     engine = Coordinator(tiny_ckpt, tiny_exact, CoordinatorConfig(attn_bits=16, experts_per_layer=2, prefetch=1,
@@ -336,12 +335,12 @@ def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact
                 decoder.route_host[layer, :2] = torch.tensor(routed)
                 decoder.route_host[layer, 2:] = torch.tensor(rng.sample(range(8), decoder.P + decoder.P2))
                 runner.after_compute(decoder._before_segment(layer + 1)[0])
-                cached = {e: b for e, b in runner.cache._lru[layer].items()}
-                assert decoder.rows[layer][routed].tolist() == [cached[e] for e in routed]
+                rows = decoder.rows[layer][routed].tolist()  # in the LRU, or (not admitted) in a spare
+                assert [engine.cache.holder(r) for r in rows] == [ExpertKey(layer, e) for e in routed]
                 decoder._predict(layer + 1)
             runner.settle()
             engine.cache.check()
         stats = runner.stats()
-        assert stats["cache_misses"] > 0 and stats["prefetch_issued"] > 0
+        assert stats["cache_misses"] > 0 and stats["prefetch_issued"] > 0 and stats["cache_not_admitted"] > 0
     finally:
         engine.close()
