@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.synth import ModelShape
+from coordinator import dequant_ffn
 from coordinator import gpu_kernels as gk
 from expert_workers.format import ExpertManifest, dequantize_matrix, tensor_views
 
@@ -126,7 +127,7 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
                                                 dense[i][2]), 2)
     del dense
     t["hqq_torch_dequant_matmul"] = timeit(lambda i: hqq_ffn(x, bufs[i], man), nrot, reps=10)
-    t["ours_dequant_cublas"] = timeit(lambda i: gk._expert_ffn_dequant(x, bufs[i], man, lay, None), nrot)
+    t["ours_dequant_cublas"] = timeit(lambda i: dequant_ffn.expert_ffn(x, bufs[i], man, lay, None), nrot)
     t["ours_expert_ffn_eager"] = timeit(lambda i: gk.expert_ffn(x, bufs[i], man), nrot)
     slots2 = [torch.tensor([[i, (i + 1) % nrot]], device=device, dtype=torch.int32) for i in range(nrot)]
     w2 = torch.tensor([[0.5, 0.5]], device=device)
@@ -235,7 +236,7 @@ def run3(shape: ModelShape, tpl3: list[tuple[np.ndarray, ExpertManifest]], devic
     res["rel_err_vs_hqq"] = rel(gk.expert_ffn(x, bufs[0], man), reference(x, bufs[0], man))
     t: dict[str, float] = {}
     t["gemv_expert_ffn_eager"] = timeit(lambda i: gk.expert_ffn(x, bufs[i], man), nrot)
-    t["dequant_cublas"] = timeit(lambda i: gk._expert_ffn_dequant(x, bufs[i], man, lay, None), nrot)
+    t["dequant_cublas"] = timeit(lambda i: dequant_ffn.expert_ffn(x, bufs[i], man, lay, None), nrot)
     t["hqq_torch"] = timeit(lambda i: hqq_ffn(x, bufs[i], man), nrot, reps=10)
     sl = torch.tensor([[0, 1]], device=device, dtype=torch.int32)
     w2 = torch.tensor([[0.5, 0.5]], device=device)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
-from coordinator import gpu_kernels as gk
+from coordinator import dequant_ffn
 from coordinator.cache import ExpertCache, describe_slots, spread_slots
 from coordinator.config import GIB, CoordinatorConfig
 from coordinator.decode import StaticDecoder, graphs_apply, table_applies
@@ -156,7 +156,7 @@ class Coordinator:
         """Device bytes a request needs beyond weights, KV cache and expert slots, at the longest prompt:
         dequantized weights, prefill activations, logits and the CUDA context. On hqq's path a prefill
         dequantizes whole experts (room for two, which also covers an attention projection between them); the
-        GPU paths keep two row blocks (``gpu_kernels.DEQUANT_CHUNK``) and add the largest attention projection
+        GPU paths keep two row blocks (``dequant_ffn.DEQUANT_CHUNK``) and add the largest attention projection
         a prefill dequantizes."""
         mc = self.model.config
         hidden, inter, size = mc.hidden_size, mc.intermediate_size, dtype.itemsize
@@ -166,7 +166,7 @@ class Coordinator:
             head_dim = getattr(mc, "head_dim", None) or hidden // mc.num_attention_heads
             qkv_rows = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * head_dim
             attention = qkv_rows * hidden * size if self.config.attn_bits < 16 else 0
-            weights = gk.dequant_workspace_bytes(dtype) + attention
+            weights = dequant_ffn.workspace_bytes(dtype) + attention
         activations = 8 * min(self.max_positions, self.config.prefill_chunk) * (hidden + 2 * inter) * size
         context = CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
         return weights + activations + 2 * mc.vocab_size * 4 + context

@@ -22,9 +22,10 @@ Paths, fastest first:
    ``GEMV_MAX_TOKENS``: one launch for w1+w3+silu·mul of all (token, expert) pairs, one for w2 + the
    routing-weighted sum. Slots can be read from a device tensor (``moe_ffn``), so a whole layer is
    graph-capturable.
-2. A Triton dequantize kernel (any packing), a block of rows at a time into a small reused workspace, + cuBLAS:
-   for prefill-sized M (``DEQUANT_CHUNK``).
-3. On CPU: hqq's own ``Quantizer.dequantize`` (``format.dequantize_matrix``) + matmul; bits 16: plain matmul.
+2. A Triton dequantize kernel (any packing, this module), a block of rows at a time into a small reused
+   workspace, + cuBLAS: for prefill-sized M (``coordinator.dequant_ffn``).
+3. On CPU: hqq's own ``Quantizer.dequantize`` (``format.dequantize_matrix``) + matmul; bits 16: plain matmul
+   (``coordinator.dequant_ffn`` too).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from expert_workers.format import PLANES3, ExpertManifest, dequantize_matrix, dtype_of, tensor_views
+from expert_workers.format import PLANES3, ExpertManifest, dtype_of, tensor_views
 
 try:  # Triton comes with gemlite on Linux; without it (or without CUDA) the torch path serves
     import triton
@@ -339,7 +339,9 @@ def moe_ffn(x: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, weights: t
     the call is CUDA-graph capturable with static slots/weights tensors. Needs ``layout.fused``."""
     m, t = slots.shape
     if not layout.fused or m > GEMV_MAX_TOKENS:
-        return _moe_ffn_unfused(x, slab, slots, weights, layout, out)
+        from coordinator import dequant_ffn  # it builds on this module's kernels
+
+        return dequant_ffn.moe_ffn(x, slab, slots, weights, layout, out)
     gu, dn = configs_for(layout)
     return _launch(x, slab, slab.stride(0), slots.reshape(-1), weights.reshape(-1).float(), t, True,
                    layout, out, gate_up or gu, down or dn)
@@ -351,7 +353,9 @@ def expert_ffn(x: torch.Tensor, buf: torch.Tensor, manifest: ExpertManifest | Pa
     layout = manifest if isinstance(manifest, PackedLayout) else layout_of(manifest)
     if _triton_ok(x) and layout.fused and x.shape[0] <= GEMV_MAX_TOKENS:
         return _launch(x, buf, 0, buf, buf, 1, False, layout, out, *configs_for(layout))
-    return _expert_ffn_dequant(x, buf, manifest, layout, out)
+    from coordinator import dequant_ffn  # it builds on this module's kernels
+
+    return dequant_ffn.expert_ffn(x, buf, manifest, layout, out)
 
 
 def expert_ffn_views(slot_views: Any, manifest: ExpertManifest, x: torch.Tensor) -> torch.Tensor:
@@ -463,111 +467,6 @@ def layout_of(manifest: ExpertManifest) -> PackedLayout:
         _LAYOUTS.clear()
     _LAYOUTS[id(manifest)] = (manifest, lay)
     return lay
-
-
-_WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-DEQUANT_CHUNK = 1 << 23
-"""Weights the prefill path dequantizes at once (two buffers of this many, 16 MiB each in bf16): a prefill
-then needs ~32 MiB of workspace, not an expert's whole dequantized weights (352 MiB for Mixtral), and the
-memory budget buys expert slots with the difference."""
-
-
-def dequant_workspace_bytes(dtype: torch.dtype) -> int:
-    """Device bytes the chunked dequantize + matmul path keeps (``_expert_ffn_chunked``)."""
-    return 2 * DEQUANT_CHUNK * dtype.itemsize
-
-
-def _workspace(numel: int, device: torch.device, dtype: torch.dtype, slot: int) -> torch.Tensor:
-    """Reused dequantization buffers (two per device/dtype) so the prefill path allocates no weights per call."""
-    key = (device, dtype)
-    ws = _WORKSPACE.get(key)
-    if ws is None or ws.shape[1] < numel:
-        ws = torch.empty((2, numel), device=device, dtype=dtype)
-        _WORKSPACE[key] = ws
-    return ws[slot, :numel]
-
-
-def _shapes(lay: PackedLayout) -> tuple[tuple[int, int], ...]:
-    """[out, in] of w1, w3, w2."""
-    return (lay.inter, lay.hidden), (lay.inter, lay.hidden), (lay.hidden, lay.inter)
-
-
-def _dequant_rows(buf: torch.Tensor, lay: PackedLayout, i: int, rows: tuple[int, int], slot: int,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """Rows n0 ≤ n < n1 of matrix ``i`` (0 w1, 1 w3, 2 w2) of the packed expert ``buf``, dequantized by one
-    Triton launch into workspace buffer ``slot``: [n1 − n0, in]."""
-    from coordinator import planes3  # it builds on this module's Triton helpers
-
-    s = _shapes(lay)[i]
-    oq, os_, oz = lay.offsets[3 * i:3 * i + 3]
-    wdt, qdt = dtype_of(lay.weight_dtype), dtype_of(lay.wq_dtype)
-    ngroups = s[0] * s[1] // lay.group_size
-    w_q = buf[oq:oq + lay.wq_rows[i] * lay.group_size * qdt.itemsize].view(qdt).view(-1, lay.group_size)
-    scale = buf[os_:os_ + wdt.itemsize * ngroups].view(wdt)
-    zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
-    numel = (rows[1] - rows[0]) * s[1]  # ≤ DEQUANT_CHUNK, or one row when a row alone is larger
-    w = _workspace(max(DEQUANT_CHUNK, numel), buf.device, dtype, slot)[:numel].view(-1, s[1])
-    if lay.packing == PLANES3:
-        hi = buf[lay.hi_offsets[i]:lay.hi_offsets[i] + w_q.numel() // 2]
-        return planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w, rows)
-    return dequantize(w_q, scale, zero, s, lay.bits, lay.group_size, lay.packing, dtype, w, rows)
-
-
-def _row_blocks(n: int, k: int) -> list[tuple[int, int]]:
-    """Row ranges of an [n, k] matrix of at most DEQUANT_CHUNK weights each."""
-    step = max(1, DEQUANT_CHUNK // k)
-    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
-
-
-def _expert_ffn_chunked(x: torch.Tensor, buf: torch.Tensor, lay: PackedLayout) -> torch.Tensor:
-    """y = w2 · (silu(w1 · x) * (w3 · x)) with the weights dequantized a block of rows at a time: h's columns
-    come from row blocks of w1 and w3, y's from row blocks of w2, so the workspace holds two blocks of
-    DEQUANT_CHUNK weights and never a whole expert. Each output is still one full-length dot product."""
-    m, hidden, inter = x.shape[0], lay.hidden, lay.inter
-    h = torch.empty((m, inter), device=x.device, dtype=x.dtype)
-    for rows in _row_blocks(inter, hidden):
-        w1 = _dequant_rows(buf, lay, 0, rows, 0, x.dtype)
-        w3 = _dequant_rows(buf, lay, 1, rows, 1, x.dtype)
-        h[:, rows[0]:rows[1]] = F.silu(F.linear(x, w1)) * F.linear(x, w3)
-    y = torch.empty((m, hidden), device=x.device, dtype=x.dtype)
-    for rows in _row_blocks(hidden, inter):
-        y[:, rows[0]:rows[1]] = F.linear(h, _dequant_rows(buf, lay, 2, rows, 0, x.dtype))
-    return y
-
-
-def _weights_of(buf: torch.Tensor, manifest: ExpertManifest | PackedLayout, lay: PackedLayout,
-                dtype: torch.dtype) -> list[torch.Tensor]:
-    """w1, w3, w2 as whole [out, in] tensors in ``dtype`` (bits 16: views; CPU: hqq's dequantize)."""
-    if lay.bits == 16:
-        wdt, o = dtype_of(lay.weight_dtype), lay.offsets
-        return [buf[o[i]:o[i] + s[0] * s[1] * wdt.itemsize].view(wdt).view(s).to(dtype)
-                for i, s in enumerate(_shapes(lay))]
-    if not isinstance(manifest, ExpertManifest):
-        raise ValueError("the CPU path needs the ExpertManifest, not only its layout")
-    return [dequantize_matrix(buf, manifest, name).to(dtype) for name in ("w1", "w3", "w2")]
-
-
-def _expert_ffn_dequant(x: torch.Tensor, buf: torch.Tensor, manifest: ExpertManifest | PackedLayout,
-                        lay: PackedLayout, out: torch.Tensor | None) -> torch.Tensor:
-    if lay.bits != 16 and _triton_ok(buf):
-        y = _expert_ffn_chunked(x, buf, lay)
-    else:
-        w1, w3, w2 = _weights_of(buf, manifest, lay, x.dtype)
-        y = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-    return y if out is None else out.copy_(y)
-
-
-def _moe_ffn_unfused(x: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                     lay: PackedLayout, out: torch.Tensor | None) -> torch.Tensor:
-    """Dequantize + cuBLAS per used slot (3-bit layouts, prefill-sized batches). Syncs on ``slots``."""
-    y = torch.zeros_like(x) if out is None else out.zero_()
-    flat = slots.reshape(-1).tolist()
-    for s in sorted(set(flat)):
-        sel = (slots == s)                              # [M, T]
-        tok = sel.any(dim=1).nonzero().squeeze(1)
-        wsel = (weights * sel).sum(dim=1)[tok].to(x.dtype)
-        y.index_add_(0, tok, _expert_ffn_dequant(x[tok], slab[s], lay, lay, None) * wsel[:, None])
-    return y
 
 
 def views_of(buf: torch.Tensor, manifest: ExpertManifest) -> dict[str, dict[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ _CHECK = textwrap.dedent("""
     import sys, torch
     import torch.nn.functional as F
     from expert_workers.format import ExpertKey, QuantSpec, dequantize_matrix, pack_expert
+    from coordinator import dequant_ffn
     from coordinator import gpu_kernels as gk
 
     def reference(x, buf, man):
@@ -35,8 +36,9 @@ _CHECK = textwrap.dedent("""
     dev, H, I, dtypes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
     quick = dev == "cpu"   # the interpreter is slow: fewer batch sizes and launch shapes
     if quick:   # prefill-sized calls dequantize ragged row blocks: w1/w3 in 96-row, w2 in 48-row blocks
-        gk.DEQUANT_CHUNK = 96 * H
-        assert gk._row_blocks(I, H)[-1] == (192, I) and gk._row_blocks(H, I)[-1] == (96, H), gk._row_blocks(H, I)
+        dequant_ffn.DEQUANT_CHUNK = 96 * H
+        blocks = dequant_ffn.row_blocks
+        assert blocks(I, H)[-1] == (192, I) and blocks(H, I)[-1] == (96, H), blocks(H, I)
     torch.manual_seed(0)
     worst = 0.0
     for bits in ((2, 3) if quick else (2, 3, 4)):
@@ -107,6 +109,7 @@ def test_launch_shapes_narrow_to_small_k() -> None:
 
 def test_row_spans_of_the_prefill_dequantize() -> None:
     """Row blocks cover a matrix once, in order, within DEQUANT_CHUNK weights; bad ranges are refused."""
+    from coordinator import dequant_ffn
     from coordinator import gpu_kernels as gk
 
     assert gk.row_span((4, 8), (1, 3)) == ((8, 24), 2) and gk.row_span((4, 8), None) == ((0, 32), 4)
@@ -115,10 +118,10 @@ def test_row_spans_of_the_prefill_dequantize() -> None:
             gk.row_span((4, 8), bad)
     with pytest.raises(ValueError, match="too large"):
         gk.row_span((2 ** 16, 2 ** 15), (0, 1))
-    blocks = gk._row_blocks(14336, 4096)                                # Mixtral's w1: 7 blocks of 2048 rows
+    blocks = dequant_ffn.row_blocks(14336, 4096)                                # Mixtral's w1: 7 blocks of 2048 rows
     assert blocks[0] == (0, 2048) and blocks[-1] == (12288, 14336) and len(blocks) == 7
     assert all(b[0] == a[1] for a, b in zip(blocks, blocks[1:]))
-    assert max(n1 - n0 for n0, n1 in gk._row_blocks(4096, 14336)) * 14336 <= gk.DEQUANT_CHUNK
+    assert max(n1 - n0 for n0, n1 in dequant_ffn.row_blocks(4096, 14336)) * 14336 <= dequant_ffn.DEQUANT_CHUNK
 
 
 def test_kernels_match_hqq_in_triton_interpreter() -> None:

@@ -24,7 +24,7 @@ from test_workers_store import hqq_reference
 from expert_workers import wire
 from expert_workers.checkpoint import Checkpoint
 from expert_workers.fetch import RemoteSource
-from expert_workers.format import EXACT, INT2, ExpertKey, dequantize_matrix
+from expert_workers.format import INT2, ExpertKey, dequantize_matrix
 from expert_workers.source import ExpertNotFound, ExpertUnavailable, make_source
 
 CODE_MOE = SHARED_MODELS / "code-moe-22m"
