@@ -225,7 +225,7 @@ def inloop_workers(r: Runner, shape: ModelShape, caps: list[float], tpl: list[An
         src.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=("mixtral", "small", "tiny"), default="mixtral")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -278,7 +278,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/moe-bench", help="scratch dir: checkpoint, worker caches, logs")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def probes(a: argparse.Namespace, shape: ModelShape, tpl2: list, tpl3: list | None, dev: str,
+           results: dict[str, Any], save: Callable[[], None]) -> None:
+    """What the GPU runs before the decode rows: the kernels' self-check, H2D bandwidth, the shared-memory
+    probe and the kernel timings (each optional)."""
+    if not dev.startswith("cuda"):
+        return
+    self_check(tpl2, tpl3, dev)
+    results["bandwidth"] = measure_bw(tpl2[0][1].nbytes, dev)
+    log(f"bandwidth: {results['bandwidth']}")
+    if a.shm_probe:
+        from bench import shm_probe
+        try:
+            results["shm_probe"] = shm_probe.probe()
+        except Exception as e:  # noqa: BLE001 - a probe, not a run
+            results["shm_probe"] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"shm probe: {results['shm_probe']}")
+    if a.kernels:
+        from bench import kernel_bench
+        try:
+            results["kernels"] = kernel_bench.run(shape, tpl2, tpl3, dev, log)
+        except Exception as e:  # keep the system runs even if one kernel check breaks
+            import traceback
+            traceback.print_exc()
+            results["kernels"] = {"error": f"{type(e).__name__}: {e}"}
+        save()
+    elif a.kernels3 and tpl3:
+        from bench import kernel_bench
+        results["kernels3"] = kernel_bench.run3(shape, tpl3, dev, log)
+        save()
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     shape = {"mixtral": MIXTRAL_8X7B, "small": SMALL, "tiny": TINY}[a.shape]
     dev = a.device
     out = Path(a.out)
@@ -295,31 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     caps3 = [float(c) for c in a.caps3.split(",") if c]
     tpl3 = expert_templates(shape, INT3, 2, dev, seed=10) if caps3 else None
     log("templates quantized")
-    if dev.startswith("cuda"):
-        self_check(tpl2, tpl3, dev)
-    if dev.startswith("cuda"):
-        results["bandwidth"] = measure_bw(tpl2[0][1].nbytes, dev)
-        log(f"bandwidth: {results['bandwidth']}")
-        if a.shm_probe:
-            from bench import shm_probe
-            try:
-                results["shm_probe"] = shm_probe.probe()
-            except Exception as e:  # noqa: BLE001 - a probe, not a run
-                results["shm_probe"] = {"error": f"{type(e).__name__}: {e}"}
-            log(f"shm probe: {results['shm_probe']}")
-    if a.kernels and dev.startswith("cuda"):
-        from bench import kernel_bench
-        try:
-            results["kernels"] = kernel_bench.run(shape, tpl2, tpl3, dev, log)
-        except Exception as e:  # keep the system runs even if one kernel check breaks
-            import traceback
-            traceback.print_exc()
-            results["kernels"] = {"error": f"{type(e).__name__}: {e}"}
-        save()
-    elif a.kernels3 and tpl3 and dev.startswith("cuda"):
-        from bench import kernel_bench
-        results["kernels3"] = kernel_bench.run3(shape, tpl3, dev, log)
-        save()
+    probes(a, shape, tpl2, tpl3, dev, results, save)
     dense = build_dense(shape, dev)
     model = DecodeModel(shape, dense, gk.layout_of(tpl2[0][1]), dev)
     sync(dev)
