@@ -47,8 +47,8 @@ class CoordinatorConfig:
     """With LRFU eviction: a miss (or a used prefetched expert) joins its layer's LRU only when its worth beats
     the entry it would evict (``ExpertCache.admits``); otherwise it is computed from a prefetch spare and only
     remembered (with no spare to give, it is admitted). 10-16% fewer misses on CPU replays; on the GPU 9% fewer
-    bytes and +9% tokens/s at 8 GB (bench/NOTES.md items 65-66). Ignored under "lru", which admits every miss
-    as mixtral-offloading does."""
+    bytes and +9% tokens/s at 8 GB, +4.5% with 3-bit experts at 12 GB (bench/NOTES.md items 65, 66, 70).
+    Ignored under "lru", which admits every miss as mixtral-offloading does."""
     attn_bits: int = 4
     """hqq bits for attention q/k/v/o: 4, 8 or 16 (as in the checkpoint)."""
     attn_group_size: int = 64
