@@ -295,22 +295,22 @@ def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
     """``--sys-prefetch`` items, "P", "P:A" (prefetch P experts per guess, guesses A layers ahead), each with
     optional trailing letters "n" (no speculative segments: ``--no-speculate``), "p" (no pipelined tokens:
     ``--no-pipeline``), "f" (slots fixed, evenly spread: ``--repartition-every 0``), "l" (LRU eviction:
-    ``--eviction lru``) and "a" (every miss admitted: ``--no-admission``), as (row name suffix, coordinator flags); the first item
-    is (d) itself."""
+    ``--eviction lru``), "a" (every miss admitted: ``--no-admission``) and "h" (4-bit lm_head: ``--lm-head-bits
+    4``), as (row name suffix, coordinator flags); the first item is (d) itself."""
+    letters_of = {"n": ("_nospec", ["--no-speculate"]), "p": ("_nopipe", ["--no-pipeline"]),
+                  "f": ("_fixedslots", ["--repartition-every", "0"]), "l": ("_lru", ["--eviction", "lru"]),
+                  "a": ("_no_admission", ["--no-admission"]), "h": ("_lm_head4", ["--lm-head-bits", "4"])}
     out = []
     for item in str(spec).split(","):
-        core = item.rstrip("npfla")
-        letters = item[len(core):]
-        nospec, nopipe, fixed, lru, admit_all = ("n" in letters, "p" in letters, "f" in letters, "l" in letters,
-                                                 "a" in letters)
+        core = item.rstrip("".join(letters_of))
         p, _, a = core.partition(":")
         ahead = int(a or 1)
-        name = (f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "") + ("_nospec" if nospec else "")
-                + ("_nopipe" if nopipe else "") + ("_fixedslots" if fixed else "") + ("_lru" if lru else "")
-                + ("_no_admission" if admit_all else ""))
+        name = f"_prefetch{int(p)}" + (f"_ahead{ahead}" if ahead > 1 else "")
         flags = ["--prefetch", str(int(p)), "--prefetch-ahead", str(ahead)]
-        out.append((name, flags + ["--no-speculate"] * nospec + ["--no-pipeline"] * nopipe
-                    + ["--repartition-every", "0"] * fixed + ["--eviction", "lru"] * lru + ["--no-admission"] * admit_all))
+        for letter, (suffix, extra) in letters_of.items():  # in this order, whatever the item's
+            if letter in item[len(core):]:
+                name, flags = name + suffix, flags + extra
+        out.append((name, flags))
     return out
 
 

@@ -52,7 +52,11 @@ class CoordinatorConfig:
     attn_bits: int = 4
     """hqq bits for attention q/k/v/o: 4, 8 or 16 (as in the checkpoint)."""
     attn_group_size: int = 64
-    """hqq group size for attention."""
+    """hqq group size for attention (and for lm_head when ``lm_head_bits`` < 16)."""
+    lm_head_bits: int = 16
+    """hqq bits for lm_head: 4, 8 or 16 (as in the checkpoint). Mixtral's lm_head is 262 MB in bf16 and 74 MB
+    at 4 bits, three more 2-bit expert slots under a memory cap (``model._quantize_lm_head``); an lm_head tied
+    to the embedding table is refused. Off by default: not yet measured on a GPU (bench/NOTES.md item 71)."""
     max_seq_len: int | None = None
     """Longest prompt + generation; None = the model's max_position_embeddings. Sizes the KV reserve."""
     prefill_chunk: int = 512
@@ -95,8 +99,9 @@ class CoordinatorConfig:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.prefetch_ahead not in (1, 2):
             raise ValueError(f"prefetch_ahead must be 1 or 2, got {self.prefetch_ahead}")
-        if self.attn_bits not in (4, 8, 16):
-            raise ValueError(f"attn_bits must be 4, 8 or 16, got {self.attn_bits}")
+        if self.attn_bits not in (4, 8, 16) or self.lm_head_bits not in (4, 8, 16):
+            raise ValueError(f"attn_bits and lm_head_bits must be 4, 8 or 16, got {self.attn_bits} and "
+                             f"{self.lm_head_bits}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         if self.eviction not in EVICTIONS:

@@ -65,8 +65,9 @@ class StaticDecoder:
         self.L, self.H, self.K = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts_per_tok
         self.nh, self.nkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
         self.scaling, self.window = attn.scaling, getattr(cfg, "sliding_window", None)
-        self.S, self.dev = max_positions, model.lm_head.weight.device  # the embedding table may be on the host
-        self.dtype = model.lm_head.weight.dtype
+        # the final norm, not the embedding table (it may be on the host) nor lm_head (it may be packed)
+        self.S, self.dev = max_positions, model.model.norm.weight.device
+        self.dtype = model.model.norm.weight.dtype
         self.P = min(cfg.num_local_experts, GUESS_TOP) if runner.prefetch > 0 else 0
         self.P2 = min(cfg.num_local_experts, runner.prefetch) if ahead > 1 else 0  # prefetched, not scored
         self.graphs_wanted = graphs

@@ -104,7 +104,7 @@ class Coordinator:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {config.device!r} requested but CUDA is not available (use --device cpu)")
         self.model = build_shell(self.ckpt, ShellSpec(config.device, config.attn_bits, config.attn_group_size,
-                                                      config.host_embeddings))
+                                                      config.host_embeddings, config.lm_head_bits))
         mc = self.model.config
         self.layout = source.layout()
         check_layout(self.layout, mc)

@@ -40,6 +40,8 @@ class ShellSpec:
     host_embeddings: bool = True
     """Token embedding table in pinned host memory where that applies (CUDA, untied lm_head:
     ``coordinator.host_embedding``), as ``CoordinatorConfig.host_embeddings``."""
+    lm_head_bits: int = 16
+    """hqq bits for lm_head (group size ``attn_group_size``): 4, 8, or 16 (kept as in the checkpoint)."""
 
 
 def compute_dtype(config: MixtralConfig, device: torch.device) -> torch.dtype:
@@ -261,10 +263,34 @@ def _quantize_attention(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch
         _fuse_qkv(attn)
 
 
+def _quantize_lm_head(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch.dtype) -> None:
+    """Replaces lm_head with hqq's HQQLinear (as attention: axis 1, ``attn_group_size``; ``PackedLinear`` where
+    the GEMV reads it) when ``lm_head_bits`` < 16. Mixtral's [32000, 4096] takes 262 MB in bf16 and 74 MB at
+    4 bits: the difference buys three more 2-bit expert slots at any memory cap. A tied lm_head is the
+    embedding table itself, which would then be held twice: refused."""
+    if spec.lm_head_bits == 16:
+        return
+    if model.config.tie_word_embeddings:
+        raise ValueError("lm_head shares the embedding table (tie_word_embeddings): quantizing it would keep "
+                         "the table twice; use lm_head_bits=16 for this model")
+    rows, cols, group = model.lm_head.out_features, model.lm_head.in_features, spec.attn_group_size
+    per_byte = 8 // spec.lm_head_bits  # hqq packs that many group rows into one byte row
+    if cols % group or (rows * cols // group) % per_byte:
+        raise ValueError(f"lm_head [{rows}, {cols}] does not pack at {spec.lm_head_bits} bits in groups of {group}: "
+                         f"the input dim must divide by {group} and the groups by {per_byte} (an odd vocabulary "
+                         f"needs lm_head_bits 8 or 16)")
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    qcfg = BaseQuantizeConfig(nbits=spec.lm_head_bits, group_size=spec.attn_group_size)
+    hqq = HQQLinear(model.lm_head, qcfg, compute_dtype=dtype, device=str(model.lm_head.weight.device))
+    model.lm_head = PackedLinear(hqq) if PackedLinear.supports(hqq) else hqq
+
+
 def build_shell(ckpt: Path, spec: ShellSpec) -> MixtralForCausalLM:
     """Mixtral with non-expert weights on ``spec.device`` and no experts; call ``moe.attach`` next."""
-    if spec.attn_bits not in ATTN_BITS:
-        raise ValueError(f"attention bits must be one of {ATTN_BITS}, got {spec.attn_bits}")
+    for what, bits in (("attention", spec.attn_bits), ("lm_head", spec.lm_head_bits)):
+        if bits not in ATTN_BITS:
+            raise ValueError(f"{what} bits must be one of {ATTN_BITS}, got {bits}")
     config = MixtralConfig.from_pretrained(ckpt)
     device = torch.device(spec.device)
     dtype = compute_dtype(config, device)
@@ -285,6 +311,7 @@ def build_shell(ckpt: Path, spec: ShellSpec) -> MixtralForCausalLM:
     _drop_expert_parameters(model)
     _fix_buffers(model, config, device)
     _quantize_attention(model, spec, dtype)
+    _quantize_lm_head(model, spec, dtype)
     if spec.host_embeddings and host_embeddings_apply(model, device):
         move_embeddings_to_host(model)
     model.eval()

@@ -3,7 +3,8 @@ computes with, so greedy tokens must match ours token for token.
 
 - experts: each expert's w1/w3/w2 dequantized from the workers' packed buffers (hqq's own dequantize), or the
   checkpoint's weights at ``--expert-bits 16``;
-- attention: q/k/v/o through hqq quantize -> dequantize with the coordinator's settings (``attn_bits`` < 16);
+- attention: q/k/v/o through hqq quantize -> dequantize with the coordinator's settings (``attn_bits`` < 16),
+  and lm_head likewise (``lm_head_bits`` < 16);
 - dtype: the coordinator's rule (``model.compute_dtype``): float32 on CPU, the checkpoint's dtype on CUDA.
 """
 
@@ -42,25 +43,31 @@ def quantize_attention_like_coordinator(model: MixtralForCausalLM, bits: int, gr
     """Replaces q/k/v/o weights by hqq's quantize -> dequantize, as ``HQQLinear`` holds them."""
     if bits == 16:
         return
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-    cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size)
     for layer in model.model.layers:
         for proj in ATTN_PROJ:
-            linear = getattr(layer.self_attn, proj)
-            weight = linear.weight
-            copy = torch.nn.Linear(linear.in_features, linear.out_features, bias=False,
-                                   device=weight.device, dtype=weight.dtype)
-            copy.weight.copy_(weight)
-            hqq = HQQLinear(copy, cfg, compute_dtype=weight.dtype, device=str(weight.device))
-            weight.copy_(hqq.dequantize())
+            _round_trip(getattr(layer.self_attn, proj), bits, group_size)
+
+
+@torch.no_grad()
+def _round_trip(linear: torch.nn.Linear, bits: int, group_size: int) -> None:
+    """``linear.weight`` replaced in place by hqq's quantize -> dequantize of it, as ``HQQLinear`` holds it."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    weight = linear.weight
+    copy = torch.nn.Linear(linear.in_features, linear.out_features, bias=False,
+                           device=weight.device, dtype=weight.dtype)
+    copy.weight.copy_(weight)
+    hqq = HQQLinear(copy, BaseQuantizeConfig(nbits=bits, group_size=group_size), compute_dtype=weight.dtype,
+                    device=str(weight.device))
+    weight.copy_(hqq.dequantize())
 
 
 def reference_model(ckpt: Path, source: ExpertSource | None = None, attn_bits: int = 16,
                     device: str = "cpu", attn_group_size: int = 64,
-                    experts_implementation: str | None = None) -> MixtralForCausalLM:
+                    experts_implementation: str | None = None, lm_head_bits: int = 16) -> MixtralForCausalLM:
     """transformers' Mixtral on the coordinator's weights (``source`` None: the checkpoint's experts).
-    ``experts_implementation`` None keeps transformers' default (grouped_mm where it applies)."""
+    ``experts_implementation`` None keeps transformers' default (grouped_mm where it applies); ``lm_head_bits``
+    < 16 round-trips lm_head through hqq as ``CoordinatorConfig.lm_head_bits`` does (untied lm_head only)."""
     dev = torch.device(device)
     dtype = compute_dtype(MixtralConfig.from_pretrained(ckpt), dev)
     model = MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype).to(dev)
@@ -69,6 +76,8 @@ def reference_model(ckpt: Path, source: ExpertSource | None = None, attn_bits: i
     if source is not None:
         load_experts_from(model, source)
     quantize_attention_like_coordinator(model, attn_bits, attn_group_size)
+    if lm_head_bits < 16:
+        _round_trip(model.lm_head, lm_head_bits, attn_group_size)
     return model.eval()
 
 

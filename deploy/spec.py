@@ -43,6 +43,8 @@ class DeploySpec:
     """hqq group size of the experts."""
     attn_bits: int = 4
     """hqq bits of the coordinator's attention projections; 16 = as in the checkpoint."""
+    lm_head_bits: int = 16
+    """hqq bits of the coordinator's lm_head (``CoordinatorConfig.lm_head_bits``); 16 = as in the checkpoint."""
     device: str | None = None
     """Coordinator device ("cuda" / "cpu"); None: cuda when the coordinator's node has a GPU."""
     experts_per_layer: int | None = None
@@ -95,8 +97,9 @@ class DeploySpec:
             raise ValueError(f"workers and replicas must be >= 1, got {self.workers} x {self.replicas}")
         if self.expert_bits not in EXPERT_BITS:
             raise ValueError(f"expert bits must be one of {EXPERT_BITS}, got {self.expert_bits}")
-        if self.attn_bits not in ATTN_BITS:
-            raise ValueError(f"attention bits must be one of {ATTN_BITS}, got {self.attn_bits}")
+        if self.attn_bits not in ATTN_BITS or self.lm_head_bits not in ATTN_BITS:
+            raise ValueError(f"attention and lm_head bits must be one of {ATTN_BITS}, got {self.attn_bits} and "
+                             f"{self.lm_head_bits}")
         if self.prefetch < 0 or self.prefetch_ahead not in (1, 2) or self.repartition_every < 0:
             raise ValueError(f"prefetch and repartition_every must be >= 0 and prefetch_ahead 1 or 2, got "
                              f"{self.prefetch}, {self.repartition_every}, {self.prefetch_ahead}")
@@ -157,7 +160,7 @@ class DeploySpec:
         args = ["serve", "--model", self.model, "--ray", ray_address, "--ray-namespace", self.namespace,
                 "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
-                "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
+                "--lm-head-bits", str(self.lm_head_bits), "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
                 "--repartition-every", str(self.repartition_every), "--eviction", self.eviction,
                 "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
         args += [] if self.pipeline else ["--no-pipeline"]

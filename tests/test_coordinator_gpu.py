@@ -229,6 +229,21 @@ def test_chunked_prefill_on_gpu_gives_the_one_pass_logits(kernel_ckpt: Path,
 
 
 # -- the CUDA-graph decode path (coordinator.decode) -------------------------------------------------------
+def follow_together(engine: Coordinator, reference: Coordinator, prompts: tuple[list[int], ...],
+                    steps: int = 12) -> None:
+    """Each prompt, then ``steps`` tokens, through both engines: the logits agree within 2% (relative norm)
+    at every step. Both take the reference's argmax as their next token, so errors cannot compound."""
+    for prompt in prompts:
+        kv_e, kv_r = engine.new_kv_cache(), reference.new_kv_cache()
+        with torch.inference_mode():
+            le, lr = engine.step(prompt, kv_e), reference.step(prompt, kv_r)
+            for _ in range(steps):
+                rel = float((le - lr).norm() / lr.norm())
+                assert rel < 2e-2, rel
+                nxt = int(lr.argmax())
+                le, lr = engine.step([nxt], kv_e), reference.step([nxt], kv_r)
+
+
 @pytest.mark.parametrize(("k", "prefetch", "zero_copy", "ahead", "admission"),
                          [(8, 0, True, 1, False), (2, 2, True, 1, False), (3, 1, False, 1, False),
                           (2, 2, True, 2, False), (3, 2, True, 1, True)])
@@ -253,15 +268,7 @@ def test_graph_decode_matches_transformers(kernel_ckpt: Path, tmp_path_factory: 
     plain = Coordinator(kernel_ckpt, src, CoordinatorConfig(**base, decode="transformers"))
     try:
         assert graphs.decoder is not None and graphs.decoder.graphs_wanted
-        for prompt in ([5, 9, 33], list(range(10, 30)), [7]):
-            kv_g, kv_p = graphs.new_kv_cache(), plain.new_kv_cache()
-            with torch.inference_mode():
-                lg, lp = graphs.step(prompt, kv_g), plain.step(prompt, kv_p)
-                for _ in range(12):
-                    rel = float((lg - lp).norm() / lp.norm())
-                    assert rel < 2e-2, rel
-                    nxt = int(lp.argmax())  # both follow one token stream, so errors cannot compound
-                    lg, lp = graphs.step([nxt], kv_g), plain.step([nxt], kv_p)
+        follow_together(graphs, plain, ([5, 9, 33], list(range(10, 30)), [7]))
         assert sorted(graphs.decoder.graphs) == [16, 32]
         stats = graphs.runner.stats()
         assert stats["expert_uses"] == stats["cache_hits"] + stats["cache_misses"] > 0
@@ -359,4 +366,39 @@ def test_pipelined_graph_decode_gives_the_unpipelined_tokens(kernel_ckpt: Path,
     finally:
         for e in engines:
             e.close()
+        store.close()
+
+
+def test_packed_lm_head_in_the_graph_decoder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``lm_head_bits`` 4 on CUDA: lm_head becomes a ``PackedLinear`` (the Triton GEMV over its packed codes,
+    also inside the decoder's CUDA graphs) and gives, step after step, the logits of hqq's own dequantize +
+    matmul on the same codes; the shell holds fewer bytes than with the fp16 lm_head (~3.5 of 16 bits a weight
+    at 4 bits, g64)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from coordinator.model import PackedLinear, non_expert_bytes
+    from expert_workers.format import INT2
+
+    torch.manual_seed(0)
+    ckpt = tmp_path_factory.mktemp("lm_head") / "ckpt"  # an even vocabulary: 4-bit packing needs it
+    MixtralForCausalLM(MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                     num_experts_per_tok=2, max_position_embeddings=256,
+                                     tie_word_embeddings=False)).half().save_pretrained(ckpt)
+    store = ExpertStore(ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xl"), progress=False).load()
+    src = make_source(stores=[store])
+    base = dict(device="cuda", attn_bits=4, experts_per_layer=3, prefetch=2)
+    graphs = Coordinator(ckpt, src, CoordinatorConfig(**base, lm_head_bits=4))
+    plain = Coordinator(ckpt, src, CoordinatorConfig(**base, lm_head_bits=4, decode="transformers"))
+    full = Coordinator(ckpt, src, CoordinatorConfig(**base, decode="transformers"))
+    try:
+        assert graphs.decoder is not None and isinstance(graphs.model.lm_head, PackedLinear)
+        assert non_expert_bytes(full.model) - non_expert_bytes(graphs.model) > 512 * 256 * 2 * 0.6
+        plain.model.lm_head = plain.model.lm_head.hqq  # the reference: hqq's dequantize + matmul
+        follow_together(graphs, plain, ([5, 9, 33], list(range(10, 30))))
+        graphs.cache.check()
+    finally:
+        graphs.close()
+        plain.close()
+        full.close()
         store.close()

@@ -56,19 +56,20 @@ def test_the_token_travels_as_a_path(tmp_path: Path, secrets: dict[str, Path]) -
 
 def test_coordinator_args_carry_the_decode_settings() -> None:
     """``deploy up --prefetch N --prefetch-ahead A --repartition-every S --eviction E --decode MODE
-    --no-speculate --no-pipeline --no-admission`` reach the coordinator's command line; bad values are refused before anything
+    --no-speculate --no-pipeline --no-admission --lm-head-bits B`` reach the coordinator's command line; bad values are refused before anything
     starts."""
     spec = DeploySpec(model="tiny-random", prefetch=3, prefetch_ahead=2, decode="static")
     args = spec.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
     assert args[args.index("--prefetch") + 1] == "3" and args[args.index("--prefetch-ahead") + 1] == "2"
     assert args[args.index("--decode") + 1] == "static" and "--no-speculate" not in args
     assert "--no-pipeline" not in args and "--no-admission" not in args
+    assert args[args.index("--lm-head-bits") + 1] == "16"
     from deploy.__main__ import _parser, _spec
 
     assert args[args.index("--repartition-every") + 1] == "32" and args[args.index("--eviction") + 1] == "lrfu"
     quiet = _spec(_parser().parse_args(["up", "--model", "tiny-random", "--workers", "1", "--no-speculate",
                                         "--no-pipeline", "--repartition-every", "0", "--eviction", "lru",
-                                        "--no-admission"]))
+                                        "--no-admission", "--lm-head-bits", "4"]))
     quiet_args = quiet.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
     assert not quiet.speculate and "--no-speculate" in quiet_args
     assert not quiet.pipeline and "--no-pipeline" in quiet_args
@@ -76,7 +77,7 @@ def test_coordinator_args_carry_the_decode_settings() -> None:
 
     parsed = parse_args(quiet_args)  # and the coordinator takes them
     assert parsed.no_pipeline and parsed.repartition_every == 0 and parsed.eviction == "lru"
-    assert not quiet.admission and not parsed.admission
+    assert not quiet.admission and not parsed.admission and parsed.lm_head_bits == 4
     from coordinator.config import DECODE_MODES
     from deploy.spec import DECODE_MODES as DEPLOY_DECODE_MODES
 
@@ -86,6 +87,6 @@ def test_coordinator_args_carry_the_decode_settings() -> None:
 
     assert DEPLOY_EVICTIONS == EVICTIONS
     for bad in ({"prefetch": -1}, {"prefetch_ahead": 3}, {"decode": "fast"}, {"repartition_every": -1},
-                {"eviction": "fifo"}):
-        with pytest.raises(ValueError, match="prefetch|decode|repartition|eviction"):
+                {"eviction": "fifo"}, {"lm_head_bits": 3}):
+        with pytest.raises(ValueError, match="prefetch|decode|repartition|eviction|lm_head"):
             DeploySpec(model="tiny-random", **bad)  # type: ignore[arg-type]

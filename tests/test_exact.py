@@ -9,6 +9,7 @@ zero-copy and staging transfer paths, both checkpoint layouts (+ sharded safeten
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -344,3 +345,46 @@ def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact
         assert stats["cache_misses"] > 0 and stats["prefetch_issued"] > 0 and stats["cache_not_admitted"] > 0
     finally:
         engine.close()
+
+
+def even_vocab_ckpt(path: Path) -> Path:
+    """A tiny random Mixtral whose vocabulary (256) packs at 4 bits; tiny-random's 259 tokens do not."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=256, tie_word_embeddings=False)
+    MixtralForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_quantized_lm_head_matches_its_reference_and_frees_memory(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """``lm_head_bits`` 4: transformers' tokens on the hqq-dequantized lm_head (both decode paths) and fewer
+    device bytes for the shell; an lm_head that does not pack, or one tied to the embedding table (it would be
+    held twice), is refused with a clear error."""
+    from coordinator.model import ShellSpec, build_shell, non_expert_bytes
+
+    ckpt = even_vocab_ckpt(tmp_path / "even")
+    reference, exact = reference_model(ckpt, lm_head_bits=4), reference_model(ckpt)
+    assert any(greedy(reference, p, NEW_TOKENS) != greedy(exact, p, NEW_TOKENS) for p in TINY_PROMPTS), \
+        "a 4-bit lm_head should change some tokens of a random model, or this test proves little"
+    stores = open_stores(ckpt, EXACT, 2, tmp_path / "experts")
+    try:
+        for decode in ("transformers", "static"):
+            cfg = CoordinatorConfig(attn_bits=16, lm_head_bits=4, experts_per_layer=3, prefetch=2, decode=decode)
+            assert_matches(ckpt, make_source(stores=stores), reference, TINY_PROMPTS, cfg)
+    finally:
+        for s in stores:
+            s.close()
+    full = non_expert_bytes(build_shell(ckpt, ShellSpec("cpu", 16, 64)))
+    packed = non_expert_bytes(build_shell(ckpt, ShellSpec("cpu", 16, 64, lm_head_bits=4)))
+    vocab, hidden = exact.lm_head.weight.shape
+    assert full - packed > vocab * hidden * 4 * 0.8  # float32 on CPU: ~28 of 32 bits a weight freed
+    with pytest.raises(ValueError, match="odd vocabulary"):
+        build_shell(tiny_ckpt, ShellSpec("cpu", 16, 64, lm_head_bits=4))  # 259 tokens
+    tied = Path(shutil.copytree(ckpt, tmp_path / "tied"))
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        build_shell(tied, ShellSpec("cpu", 16, 64, lm_head_bits=4))
