@@ -27,7 +27,7 @@ from coordinator.config import GIB, CoordinatorConfig
 from coordinator.decode import StaticDecoder, graphs_apply, table_applies
 from coordinator.generate import (Detokenizer, GenerateParams, InvalidRequest, RequestCancelled, RequestOutput,
                                   Sampler, TokenCopy, TokenEvent, validate)
-from coordinator.model import ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
+from coordinator.model import PackedLinear, ShellSpec, build_shell, cache_kwarg, compute_dtype, non_expert_bytes
 from coordinator.moe import RECALL_TOP, ExpertRunner, select_path
 from coordinator.partition import SlotPlanner
 from coordinator.transfer import Transfers
@@ -157,7 +157,8 @@ class Coordinator:
         dequantized weights, prefill activations, logits and the CUDA context. On hqq's path a prefill
         dequantizes whole experts (room for two, which also covers an attention projection between them); the
         GPU paths keep two row blocks (``dequant_ffn.DEQUANT_CHUNK``) and add the largest attention projection
-        a prefill dequantizes."""
+        a prefill dequantizes. A quantized lm_head the GEMV does not read (hqq's own forward) adds its whole
+        dequantized weight; a ``PackedLinear`` one dequantizes nothing (a prefill keeps one token's logits)."""
         mc = self.model.config
         hidden, inter, size = mc.hidden_size, mc.intermediate_size, dtype.itemsize
         if select_path(self.device, self.model.model.layers[0].mlp.experts.act_fn, manifests).name == "hqq":
@@ -167,6 +168,8 @@ class Coordinator:
             qkv_rows = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * head_dim
             attention = qkv_rows * hidden * size if self.config.attn_bits < 16 else 0
             weights = dequant_ffn.workspace_bytes(dtype) + attention
+        if self.config.lm_head_bits < 16 and not isinstance(self.model.lm_head, PackedLinear):
+            weights += mc.vocab_size * hidden * size  # hqq's forward dequantizes the whole lm_head per call
         activations = 8 * min(self.max_positions, self.config.prefill_chunk) * (hidden + 2 * inter) * size
         context = CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
         return weights + activations + 2 * mc.vocab_size * 4 + context

@@ -394,6 +394,8 @@ def test_packed_lm_head_in_the_graph_decoder(tmp_path_factory: pytest.TempPathFa
     try:
         assert graphs.decoder is not None and isinstance(graphs.model.lm_head, PackedLinear)
         assert non_expert_bytes(full.model) - non_expert_bytes(graphs.model) > 512 * 256 * 2 * 0.6
+        reserve = [e._workspace_bytes(torch.float16, e.runner.manifests) for e in (graphs, full)]
+        assert reserve[0] == reserve[1]  # the GEMV dequantizes nothing: no lm_head-sized workspace
         plain.model.lm_head = plain.model.lm_head.hqq  # the reference: hqq's dequantize + matmul
         follow_together(graphs, plain, ([5, 9, 33], list(range(10, 30))))
         graphs.cache.check()

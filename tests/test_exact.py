@@ -374,6 +374,12 @@ def test_quantized_lm_head_matches_its_reference_and_frees_memory(tiny_ckpt: Pat
         for decode in ("transformers", "static"):
             cfg = CoordinatorConfig(attn_bits=16, lm_head_bits=4, experts_per_layer=3, prefetch=2, decode=decode)
             assert_matches(ckpt, make_source(stores=stores), reference, TINY_PROMPTS, cfg)
+        engines = [Coordinator(ckpt, make_source(stores=stores), cfg.with_(lm_head_bits=b)) for b in (4, 16)]
+        # on the CPU lm_head stays hqq's HQQLinear, whose forward dequantizes it whole: the reserve holds that
+        reserve = [e._workspace_bytes(torch.float32, e.runner.manifests) for e in engines]
+        assert reserve[0] - reserve[1] == 256 * 64 * 4
+        for e in engines:
+            e.close()
     finally:
         for s in stores:
             s.close()
