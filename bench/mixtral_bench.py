@@ -255,7 +255,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sys-prefetch", default="2",
                     help="coordinator prefetch for (d), comma-separated P or P:A (A = --prefetch-ahead), each with "
                          "optional letters n (--no-speculate), p (--no-pipeline), f (--repartition-every 0), l "
-                         "(--eviction lru), a (--no-admission), h (--lm-head-bits 4): the first is (d), the others extra rows")
+                         "(--eviction lru), a (--no-admission), h (--lm-head-bits 4): the first is (d), the others "
+                         "extra rows")
     ap.add_argument("--sys-requests", type=int, default=4,
                     help="timed requests per (d)/(e) row, each --new-tokens long with its own seed; counters summed")
     ap.add_argument("--offloading-eager", action=argparse.BooleanOptionalAction, default=True,

@@ -4,8 +4,8 @@
 checkpoint onto the compute device: embeddings, attention q/k/v/o, norms, routers and lm_head (tied to the
 embeddings when the config says so). The experts' fused parameters are deleted, never materialized; the
 MoE block's experts call goes to ``coordinator.moe`` through transformers' experts-implementation registry.
-Attention projections are optionally replaced by hqq's ``HQQLinear`` (4 or 8 bits); everything else stays in
-the compute dtype.
+Attention projections, and an untied lm_head, are optionally replaced by hqq's ``HQQLinear`` (4 or 8 bits);
+everything else stays in the compute dtype.
 """
 
 from __future__ import annotations
@@ -248,9 +248,6 @@ def _quantize_attention(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch
     wrapped in ``PackedLinear`` where the GEMV kernel reads the layout (chosen once, here)."""
     if spec.attn_bits == 16:
         return
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-    qcfg = BaseQuantizeConfig(nbits=spec.attn_bits, group_size=spec.attn_group_size)
     for layer in model.model.layers:
         attn = layer.self_attn
         for proj in ATTN_PROJ:
@@ -258,9 +255,17 @@ def _quantize_attention(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch
             if linear.in_features % spec.attn_group_size:
                 raise ValueError(f"attention {proj} input dim {linear.in_features} is not divisible by "
                                  f"group size {spec.attn_group_size}")
-            hqq = HQQLinear(linear, qcfg, compute_dtype=dtype, device=str(linear.weight.device))
-            setattr(attn, proj, PackedLinear(hqq) if PackedLinear.supports(hqq) else hqq)
+            setattr(attn, proj, _hqq_layer(linear, spec.attn_bits, spec.attn_group_size, dtype))
         _fuse_qkv(attn)
+
+
+def _hqq_layer(linear: nn.Linear, bits: int, group_size: int, dtype: torch.dtype) -> nn.Module:
+    """``linear`` quantized by hqq's HQQLinear (axis 1), wrapped in ``PackedLinear`` where the GEMV reads it."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    hqq = HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=group_size), compute_dtype=dtype,
+                    device=str(linear.weight.device))
+    return PackedLinear(hqq) if PackedLinear.supports(hqq) else hqq
 
 
 def _quantize_lm_head(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch.dtype) -> None:
@@ -276,14 +281,10 @@ def _quantize_lm_head(model: MixtralForCausalLM, spec: ShellSpec, dtype: torch.d
     rows, cols, group = model.lm_head.out_features, model.lm_head.in_features, spec.attn_group_size
     per_byte = 8 // spec.lm_head_bits  # hqq packs that many group rows into one byte row
     if cols % group or (rows * cols // group) % per_byte:
-        raise ValueError(f"lm_head [{rows}, {cols}] does not pack at {spec.lm_head_bits} bits in groups of {group}: "
-                         f"the input dim must divide by {group} and the groups by {per_byte} (an odd vocabulary "
-                         f"needs lm_head_bits 8 or 16)")
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-    qcfg = BaseQuantizeConfig(nbits=spec.lm_head_bits, group_size=spec.attn_group_size)
-    hqq = HQQLinear(model.lm_head, qcfg, compute_dtype=dtype, device=str(model.lm_head.weight.device))
-    model.lm_head = PackedLinear(hqq) if PackedLinear.supports(hqq) else hqq
+        raise ValueError(f"lm_head [{rows}, {cols}] does not pack at {spec.lm_head_bits} bits in groups of "
+                         f"{group}: the input dim must divide by {group} and the groups by {per_byte} (an odd "
+                         f"vocabulary needs lm_head_bits 8 or 16)")
+    model.lm_head = _hqq_layer(model.lm_head, spec.lm_head_bits, group, dtype)
 
 
 def build_shell(ckpt: Path, spec: ShellSpec) -> MixtralForCausalLM:

@@ -118,7 +118,8 @@ def _absolute(path: str | None) -> str | None:
 def _spec(args: argparse.Namespace) -> DeploySpec:
     return DeploySpec(model=args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
-                      attn_bits=args.attn_bits, lm_head_bits=args.lm_head_bits, device=args.device, experts_per_layer=args.experts_per_layer,
+                      attn_bits=args.attn_bits, lm_head_bits=args.lm_head_bits, device=args.device,
+                      experts_per_layer=args.experts_per_layer,
                       gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
                       repartition_every=args.repartition_every, eviction=args.eviction,
                       admission=not args.no_admission, decode=args.decode,

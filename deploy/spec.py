@@ -160,7 +160,8 @@ class DeploySpec:
         args = ["serve", "--model", self.model, "--ray", ray_address, "--ray-namespace", self.namespace,
                 "--ray-actor-prefix", self.generation_prefix(generation), "--host", self.host,
                 "--port", str(port), "--reuse-port", "--device", device, "--attn-bits", str(self.attn_bits),
-                "--lm-head-bits", str(self.lm_head_bits), "--prefetch", str(self.prefetch), "--prefetch-ahead", str(self.prefetch_ahead),
+                "--lm-head-bits", str(self.lm_head_bits), "--prefetch", str(self.prefetch),
+                "--prefetch-ahead", str(self.prefetch_ahead),
                 "--repartition-every", str(self.repartition_every), "--eviction", self.eviction,
                 "--decode", self.decode] + ([] if self.speculate else ["--no-speculate"])
         args += [] if self.pipeline else ["--no-pipeline"]

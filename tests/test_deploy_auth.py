@@ -56,8 +56,8 @@ def test_the_token_travels_as_a_path(tmp_path: Path, secrets: dict[str, Path]) -
 
 def test_coordinator_args_carry_the_decode_settings() -> None:
     """``deploy up --prefetch N --prefetch-ahead A --repartition-every S --eviction E --decode MODE
-    --no-speculate --no-pipeline --no-admission --lm-head-bits B`` reach the coordinator's command line; bad values are refused before anything
-    starts."""
+    --no-speculate --no-pipeline --no-admission --lm-head-bits B`` reach the coordinator's command line; bad
+    values are refused before anything starts."""
     spec = DeploySpec(model="tiny-random", prefetch=3, prefetch_ahead=2, decode="static")
     args = spec.coordinator_args("127.0.0.1:6379", 0, 0, "cpu")
     assert args[args.index("--prefetch") + 1] == "3" and args[args.index("--prefetch-ahead") + 1] == "2"
