@@ -56,7 +56,9 @@ class CoordinatorConfig:
     lm_head_bits: int = 16
     """hqq bits for lm_head: 4, 8 or 16 (as in the checkpoint). Mixtral's lm_head is 262 MB in bf16 and 74 MB
     at 4 bits, three more 2-bit expert slots under a memory cap (``model._quantize_lm_head``); an lm_head tied
-    to the embedding table is refused. Off by default: not yet measured on a GPU (bench/NOTES.md item 71)."""
+    to the embedding table is refused. Off by default, since it changes the model's output: with 2-bit experts
+    on an H100 it made decode 4–9% faster at 8 GB and 7% at 12 GB, with 3-bit experts no faster
+    (bench/NOTES.md item 73)."""
     max_seq_len: int | None = None
     """Longest prompt + generation; None = the model's max_position_embeddings. Sizes the KV reserve."""
     prefill_chunk: int = 512
