@@ -168,7 +168,7 @@ def _run_requests(address: str, prompt: list[int], warmup: int, tokens: int,
     its own token stream, so their sum averages over routing traces (one 128-token trace moved ±8% of the
     bytes of another in session 8). Counters are summed; decode_tokens_per_s is decoded tokens over decode
     time and the prefetch recalls are weighted by tokens, all requests together; the other stats (ttft_ms,
-    gpu_peak_bytes) are the last request's."""
+    gpu_peak_bytes, gpu_peak_reserved_bytes) are the last request's."""
     from client import Client
 
     c = Client(address, timeout_s=900)
@@ -276,13 +276,17 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                    "prefetch_ahead_skipped": server.get("prefetch_ahead_skipped"),
                    "hit_rate": stats.get("hit_rate", 0.0), "prefetch_recall": stats.get("prefetch_recall"),
                    "bytes_per_token": stats["bytes_fetched"] / max(1, int(stats["generated_tokens"])),
-                   "vram_peak_bytes": stats["gpu_peak_bytes"] + ctx_bytes,
-                   "vram_note": "coordinator's torch.cuda.max_memory_allocated + CUDA context",
+                   # the device footprint: what the allocator held (blocks it cached included) + the context
+                   "vram_peak_bytes": stats.get("gpu_peak_reserved_bytes", stats["gpu_peak_bytes"]) + ctx_bytes,
+                   "vram_peak_allocated_bytes": stats["gpu_peak_bytes"] + ctx_bytes,
+                   "vram_note": "coordinator's torch.cuda.max_memory_reserved + CUDA context (allocated: "
+                                "vram_peak_allocated_bytes)",
                    "coordinator_start_s": up, "client_wall_s": wall, "token_ids": [], "request_stats": stats}
             rows.append(row)
             log(f"{name:28s} bits={spec.bits} cap={cap} k={row['k']}: {tps:.2f} tok/s hit={row['hit_rate']:.3f} "
                 f"recall={row['prefetch_recall']} MB/token={row['bytes_per_token'] / 1e6:.1f} "
-                f"vram={row['vram_peak_bytes'] / 1e9:.2f} GB (coordinator up in {up:.0f}s)")
+                f"vram={row['vram_peak_bytes'] / 1e9:.2f} GB (allocated {row['vram_peak_allocated_bytes'] / 1e9:.2f}) "
+                f"(coordinator up in {up:.0f}s)")
     except RuntimeError as e:
         log(f"system bench failed: {e}\n" + "\n".join(_tail(f) for f in sorted(work.glob("worker*.log"))))
         rows.append({"variant": "d/e", "bits": spec.bits, "cap_gb": None, "skipped": f"error: {e}"[:300]})

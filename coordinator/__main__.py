@@ -140,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     ckpt = resolve_model(args.model)
     source = open_source(args)
     engine = Coordinator(ckpt, source, engine_config(args))  # type: ignore[arg-type]
+    engine.cap_device_memory()  # this process owns the device: --gpu-memory-gb bounds its whole footprint
     running = serve(engine, args.host, args.port, args.max_queue, security, reuse_port=args.reuse_port)
     stop = threading.Event()
     _on_signals(lambda: stop.set())

@@ -36,7 +36,9 @@ from expert_workers.source import ExpertSource
 
 log = logging.getLogger(__name__)
 REQUEST_KEYS = ("expert_uses", "cache_hits", "cache_misses", "prefetch_issued", "prefetch_used", "bytes_fetched")
-CUDA_CONTEXT_RESERVE = 512 * 2**20  # CUDA context + allocator slack, outside torch's own accounting
+CUDA_CONTEXT_RESERVE = 560 * 2**20
+"""Device bytes outside torch's allocator: the CUDA context (527 MiB measured on H100 and H200 with torch 2.11,
+bench/NOTES.md item 76), cuBLAS and Triton modules. ``cap_device_memory`` holds the allocator to the rest."""
 
 
 def load_manifests(source: ExpertSource, layout: ExpertLayout, workers: int) -> dict[ExpertKey, ExpertManifest]:
@@ -135,7 +137,8 @@ class Coordinator:
         self._totals: dict[str, float] = {"requests": 0, "requests_failed": 0, "requests_cancelled": 0,
                                           "cancelled_generated_tokens": 0,
                                           "prompt_tokens": 0, "generated_tokens": 0, "ttft_ms_sum": 0.0,
-                                          "decode_tokens": 0, "decode_seconds": 0.0, "gpu_peak_bytes": 0}
+                                          "decode_tokens": 0, "decode_seconds": 0.0, "gpu_peak_bytes": 0,
+                                          "gpu_peak_reserved_bytes": 0}
         log.info("coordinator ready: %d expert slots (%s) of %d bytes, %d spares, device %s",
                  sum(self.cache.layer_slots), describe_slots(self.cache.layer_slots), slot_bytes, config.spares,
                  self.device)
@@ -349,14 +352,17 @@ class Coordinator:
                        first_at: float, before: dict[str, float]) -> dict[str, float]:
         end = time.monotonic()
         after = self.runner.stats()
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) if cuda else 0
+        # what the allocator held (allocated + its cached blocks): the device footprint, less the CUDA context
+        reserved = torch.cuda.max_memory_reserved(self.device) if cuda else 0
         decode_s = end - first_at
         stats = {"prompt_tokens": len(prompt_ids), "generated_tokens": len(generated),
                  "ttft_ms": (first_at - arrived) * 1e3,
                  "decode_tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0
                  else 0.0,
                  **{k: after[k] - before[k] for k in REQUEST_KEYS},
-                 "remote_compute_calls": 0, "gpu_peak_bytes": peak}
+                 "remote_compute_calls": 0, "gpu_peak_bytes": peak, "gpu_peak_reserved_bytes": reserved}
         stats |= self._ratios(stats, {k: after[k] - before.get(k, 0) for k in after})
         with self._lock:
             t = self._totals
@@ -367,6 +373,7 @@ class Coordinator:
             t["decode_tokens"] += max(0, len(generated) - 1)
             t["decode_seconds"] += decode_s if len(generated) > 1 else 0.0
             t["gpu_peak_bytes"] = max(t["gpu_peak_bytes"], peak)
+            t["gpu_peak_reserved_bytes"] = max(t["gpu_peak_reserved_bytes"], reserved)
         return stats
 
     def _ratios(self, stats: dict[str, float], counters: dict[str, float]) -> dict[str, float]:
@@ -389,6 +396,7 @@ class Coordinator:
                "ttft_ms": t["ttft_ms_sum"] / done if done else 0.0,
                "decode_tokens_per_s": t["decode_tokens"] / t["decode_seconds"] if t["decode_seconds"] else 0.0,
                **counters, "remote_compute_calls": 0, "gpu_peak_bytes": t["gpu_peak_bytes"],
+               "gpu_peak_reserved_bytes": t["gpu_peak_reserved_bytes"],
                "requests": done, "requests_failed": t["requests_failed"],
                "requests_cancelled": t["requests_cancelled"],
                "cancelled_generated_tokens": t["cancelled_generated_tokens"], "kv_caches_live": len(self._live_kv),
@@ -402,6 +410,22 @@ class Coordinator:
         # the expert source's own counters (failovers, checksum_failures, deadline_exceeded, ...), prefixed
         out |= {f"source_{k}": float(v) for k, v in self.source.stats().items()}
         return out | self._ratios(out, counters)
+
+    def cap_device_memory(self) -> int | None:
+        """Holds this process's torch allocator to ``gpu_memory_gb`` less ``CUDA_CONTEXT_RESERVE``, so that the
+        device footprint, blocks the allocator caches included, stays under the cap: near the limit it frees
+        its cached blocks instead of asking the driver for more (after a long prefill it had cached 0.19 GB
+        above the budget, item 76). Process-wide, so the serving process calls it, not a library user sharing
+        the device. Returns the limit in bytes; None when there is no cap or no CUDA device."""
+        if self.config.gpu_memory_gb is None or self.device.type != "cuda":
+            return None
+        limit = int(self.config.gpu_memory_gb * GIB) - CUDA_CONTEXT_RESERVE
+        torch.cuda.empty_cache()  # loading's temporaries, so the limit starts from what is live
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), self.device)
+        log.info("device memory: torch's allocator capped at %.3f GiB (%.3f GiB less the context reserve)",
+                 limit / GIB, self.config.gpu_memory_gb)
+        return limit
 
     def close(self) -> None:
         self.runner.close()

@@ -47,12 +47,41 @@ def test_cuda_exact_with_streams(tiny_ckpt: Path, source: ExpertSource, k: int, 
             assert [e.token_id for e in events[:-1]] == greedy(reference, prompt, 16)
             stats = events[-1].stats
             assert stats["gpu_peak_bytes"] >= engine.cache.nbytes
+            assert stats["gpu_peak_reserved_bytes"] >= stats["gpu_peak_bytes"]  # the allocator holds what it lends
             assert stats["expert_uses"] == stats["cache_hits"] + stats["cache_misses"]
         if zero_copy:
             assert engine.transfers._registered, "the shared-memory mapping was never registered"
             assert engine.runner.stats()["bytes_zero_copy"] > 0
         engine.cache.check()
     finally:
+        engine.close()
+
+
+def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, source: ExpertSource) -> None:
+    """``cap_device_memory`` holds torch's allocator to ``gpu_memory_gb`` less the context reserve: blocks of
+    growing sizes, each freed before the next (what a long prefill does), would leave every one cached; capped,
+    the allocator frees them and its reservation stays under the limit, and a block past the limit is refused
+    with torch's OutOfMemoryError, not taken from the device."""
+    from coordinator.config import GIB
+    from coordinator.engine import CUDA_CONTEXT_RESERVE
+
+    torch.cuda.empty_cache()
+    room = 512 * 2**20  # above what is live now
+    cap_gb = (torch.cuda.memory_allocated() + CUDA_CONTEXT_RESERVE + room) / GIB
+    engine = Coordinator(tiny_ckpt, source, CoordinatorConfig(device="cuda", gpu_memory_gb=cap_gb))
+    try:
+        limit = engine.cap_device_memory()
+        assert limit == int(cap_gb * GIB) - CUDA_CONTEXT_RESERVE
+        torch.cuda.reset_peak_memory_stats()
+        for mib in range(64, 320, 32):  # 1.5 GiB in all, none of it reusable by the next size
+            block = torch.empty(mib * 2**20, dtype=torch.uint8, device="cuda")
+            del block
+        assert torch.cuda.max_memory_reserved() <= limit
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(limit, dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
         engine.close()
 
 
