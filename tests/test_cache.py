@@ -267,6 +267,7 @@ def test_memory_budget_sets_k(tiny_ckpt: Path, tiny_source: ExpertSource) -> Non
         budget = (base + 4_000_000 + (extra_slots + 2) * slot) / 2**30
         engine = Coordinator(tiny_ckpt, tiny_source, CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget))
         sizes.append(engine.slots_per_layer)
+        assert engine.cap_device_memory() is None  # the CPU's memory is the host's: nothing to cap
         engine.close()
     assert 1 <= sizes[0] < sizes[1] <= 8
     with pytest.raises(ValueError, match="no room for one expert per layer"):
