@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
+import torch
 
 import protos
 from coordinator.generate import DEFAULT_MAX_NEW_TOKENS, GenerateParams, InvalidRequest, QueueFull, \
@@ -25,6 +26,8 @@ SERVICE_NAME = "moe.v1.CoordinatorService"
 STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # device memory ran out under the cap (coordinator serve --gpu-memory-gb): this request fails, not the server
+    (torch.cuda.OutOfMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ExpertUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (ExpertNotFound, grpc.StatusCode.FAILED_PRECONDITION),

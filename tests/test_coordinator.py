@@ -154,6 +154,15 @@ def test_bad_input_is_invalid_argument(stub: Any, request_fields: dict[str, Any]
     assert len(ids) <= 56
 
 
+def test_device_memory_exhausted_maps_to_resource_exhausted() -> None:
+    """A CUDA out-of-memory error under a capped allocator (``cap_device_memory``) fails its request with
+    RESOURCE_EXHAUSTED, like a full queue, not INTERNAL; a plain RuntimeError stays INTERNAL."""
+    from coordinator import wire
+
+    assert wire.status_of(torch.cuda.OutOfMemoryError("CUDA out of memory")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert wire.status_of(RuntimeError("CUDA error")) == grpc.StatusCode.INTERNAL
+
+
 def test_concurrent_clients_get_their_own_tokens(stub: Any) -> None:
     alone = {i: run(stub, prompt_token_ids=p, max_new_tokens=10)[0] for i, p in enumerate(PROMPTS)}
     results: dict[int, list[int]] = {}
