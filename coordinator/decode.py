@@ -281,6 +281,9 @@ class StaticDecoder:
         """One graph per segment for the current span, captured at the current position (its K/V row is
         rewritten by the real step); warm-up (Triton compiles) on a side stream first, as torch asks."""
         saved_pos = self.pos.clone()
+        # Under a capped allocator (Coordinator.cap_device_memory) a capture cannot make room by freeing the
+        # blocks a prefill left cached, since the allocator frees nothing while a capture is underway: free them now.
+        torch.cuda.empty_cache()
         try:
             side = torch.cuda.Stream(self.dev)
             side.wait_stream(torch.cuda.current_stream(self.dev))
