@@ -277,7 +277,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
                    "hit_rate": stats.get("hit_rate", 0.0), "prefetch_recall": stats.get("prefetch_recall"),
                    "bytes_per_token": stats["bytes_fetched"] / max(1, int(stats["generated_tokens"])),
                    # the device footprint: what the allocator held (blocks it cached included) + the context
-                   "vram_peak_bytes": stats.get("gpu_peak_reserved_bytes", stats["gpu_peak_bytes"]) + ctx_bytes,
+                   "vram_peak_bytes": stats["gpu_peak_reserved_bytes"] + ctx_bytes,
                    "vram_peak_allocated_bytes": stats["gpu_peak_bytes"] + ctx_bytes,
                    "vram_note": "coordinator's torch.cuda.max_memory_reserved + CUDA context (allocated: "
                                 "vram_peak_allocated_bytes)",
