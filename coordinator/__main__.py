@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from coordinator.config import DECODE_MODES, EVICTIONS, CoordinatorConfig, default_device
+from coordinator.config import ATTN_BITS, DECODE_MODES, EVICTIONS, CoordinatorConfig, default_device
 
 log = logging.getLogger("coordinator")
 
@@ -45,8 +45,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admission", action=argparse.BooleanOptionalAction, default=True,
                    help="with lrfu eviction: a miss joins the cache only when it is worth more than what it would "
                    "evict, else it is computed from a prefetch spare (default; --no-admission: every miss joins)")
-    p.add_argument("--attn-bits", type=int, choices=(4, 8, 16), default=4, help="hqq bits for attention")
-    p.add_argument("--lm-head-bits", type=int, choices=(4, 8, 16), default=16,
+    p.add_argument("--attn-bits", type=int, choices=ATTN_BITS, default=4, help="hqq bits for attention")
+    p.add_argument("--lm-head-bits", type=int, choices=ATTN_BITS, default=16,
                    help="hqq bits for lm_head (untied only): 4 frees 188 MB for expert slots on Mixtral")
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=512,

@@ -9,6 +9,7 @@ import torch
 GIB = 2**30
 DECODE_MODES = ("auto", "graphs", "static", "transformers")
 EVICTIONS = ("lru", "lrfu")
+ATTN_BITS = (4, 8, 16)  # hqq bits of attention and lm_head; 16 = unquantized
 """Expert cache eviction policies (``coordinator.cache``)."""
 
 
@@ -101,8 +102,8 @@ class CoordinatorConfig:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         if self.prefetch_ahead not in (1, 2):
             raise ValueError(f"prefetch_ahead must be 1 or 2, got {self.prefetch_ahead}")
-        if self.attn_bits not in (4, 8, 16) or self.lm_head_bits not in (4, 8, 16):
-            raise ValueError(f"attn_bits and lm_head_bits must be 4, 8 or 16, got {self.attn_bits} and "
+        if self.attn_bits not in ATTN_BITS or self.lm_head_bits not in ATTN_BITS:
+            raise ValueError(f"attn_bits and lm_head_bits must be one of {ATTN_BITS}, got {self.attn_bits} and "
                              f"{self.lm_head_bits}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")

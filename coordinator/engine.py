@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, DynamicCache, GenerationConfig
 
-from coordinator import dequant_ffn
+from coordinator import dequant_ffn, device_memory
 from coordinator.cache import ExpertCache, describe_slots, spread_slots
 from coordinator.config import GIB, CoordinatorConfig
 from coordinator.decode import StaticDecoder, graphs_apply, table_applies
@@ -278,6 +278,11 @@ class Coordinator:
             self._count("requests_cancelled")
             self._count("cancelled_generated_tokens", len(out.generated))
             raise
+        except torch.cuda.OutOfMemoryError:
+            self._count("requests_failed")
+            if self.device.type == "cuda":
+                log.warning("out of device memory: %s", device_memory.by_pool(self.device))
+            raise
         except BaseException:
             self._count("requests_failed")
             raise
@@ -421,10 +426,13 @@ class Coordinator:
             return None
         limit = int(self.config.gpu_memory_gb * GIB) - CUDA_CONTEXT_RESERVE
         torch.cuda.empty_cache()  # loading's temporaries, so the limit starts from what is live
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), self.device)
-        log.info("device memory: torch's allocator capped at %.3f GiB (%.3f GiB less the context reserve)",
-                 limit / GIB, self.config.gpu_memory_gb)
+        expandable = device_memory.expandable_segments()
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        # torch wants an index here: a bare torch.device("cuda") is refused
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+        log.info("device memory: torch's allocator capped at %.3f GiB (%.3f GiB less the context reserve)%s",
+                 limit / GIB, self.config.gpu_memory_gb, ", expandable segments" if expandable else "")
         return limit
 
     def close(self) -> None:

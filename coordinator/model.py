@@ -20,9 +20,9 @@ from safetensors import safe_open
 from torch import nn
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from coordinator.config import ATTN_BITS
 from coordinator.host_embedding import host_embeddings_apply, move_embeddings_to_host
 
-ATTN_BITS = (4, 8, 16)
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 INDEX_FILE = "model.safetensors.index.json"
 

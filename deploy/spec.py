@@ -14,7 +14,7 @@ COORDINATOR_ACTOR = "moe-coordinator"
 WORKER_PREFIX = "expert-worker"
 """Prefix of expert worker actor names (the one ``coordinator --ray`` discovery looks for)."""
 EXPERT_BITS = (2, 3, 4, 8, 16)
-ATTN_BITS = (4, 8, 16)
+ATTN_BITS = (4, 8, 16)  # coordinator.config's too
 DECODE_MODES = ("auto", "graphs", "static", "transformers")  # coordinator.config's (which imports torch)
 EVICTIONS = ("lru", "lrfu")  # coordinator.config's too
 

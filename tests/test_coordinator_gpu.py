@@ -4,6 +4,7 @@ co-located worker's shared memory, device memory accounting. Skipped without CUD
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, so
     growing sizes, each freed before the next (what a long prefill does), would leave every one cached; capped,
     the allocator frees them and its reservation stays under the limit, and a block past the limit is refused
     with torch's OutOfMemoryError, not taken from the device."""
+    from coordinator import device_memory
     from coordinator.config import GIB
     from coordinator.engine import CUDA_CONTEXT_RESERVE
 
@@ -77,10 +79,17 @@ def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, so
             block = torch.empty(mib * 2**20, dtype=torch.uint8, device="cuda")
             del block
         assert torch.cuda.max_memory_reserved() <= limit
+        if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):  # blocks from now on come from expandable segments
+            block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+            assert any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
+            del block
         with pytest.raises(torch.cuda.OutOfMemoryError):
             torch.empty(limit, dtype=torch.uint8, device="cuda")
+        assert "MiB reserved" in device_memory.by_pool(torch.device("cuda"))  # what an OOM's log line shows
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:False")  # the later tests'
         torch.cuda.empty_cache()
         engine.close()
 
