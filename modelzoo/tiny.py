@@ -42,6 +42,9 @@ class TinySpec:
     """Save transformers 5's fused layout (mlp.experts.gate_up_proj) instead of Mixtral's w1/w2/w3."""
     max_shard_size: str = "10GB"
     """Safetensors shard size; small values give several files plus model.safetensors.index.json."""
+    vocab: int | None = None
+    """Rows of the embedding and lm_head; None = the tokenizer's 259. Real checkpoints pad theirs past the
+    tokenizer (Mixtral's 32000), and a 4-bit lm_head packs only an even count. At least the tokenizer's."""
 
 
 def _byte_tokenizer(out: Path) -> None:
@@ -68,8 +71,10 @@ def write_tiny_random(out: Path, spec: TinySpec) -> Path:
     """Writes a tiny random Mixtral checkpoint (config, safetensors, tokenizer) into ``out``."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    if spec.vocab is not None and spec.vocab < vocab_size():
+        raise ValueError(f"vocab {spec.vocab} is smaller than the tokenizer's {vocab_size()} tokens")
     config = MixtralConfig(
-        vocab_size=vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        vocab_size=spec.vocab or vocab_size(), hidden_size=spec.hidden, intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
         num_local_experts=spec.experts, num_experts_per_tok=spec.top_k,
         max_position_embeddings=spec.max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2,

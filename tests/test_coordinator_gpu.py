@@ -412,17 +412,12 @@ def test_packed_lm_head_in_the_graph_decoder(tmp_path_factory: pytest.TempPathFa
     also inside the decoder's CUDA graphs) and gives, step after step, the logits of hqq's own dequantize +
     matmul on the same codes; the shell holds fewer bytes than with the fp16 lm_head (~3.5 of 16 bits a weight
     at 4 bits, g64)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     from coordinator.model import PackedLinear, non_expert_bytes
     from expert_workers.format import INT2
+    from modelzoo.tiny import TinySpec, build_tiny_random
 
-    torch.manual_seed(0)
-    ckpt = tmp_path_factory.mktemp("lm_head") / "ckpt"  # an even vocabulary: 4-bit packing needs it
-    MixtralForCausalLM(MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                                     num_experts_per_tok=2, max_position_embeddings=256,
-                                     tie_word_embeddings=False)).half().save_pretrained(ckpt)
+    spec = TinySpec(layers=2, hidden=256, intermediate=512, dtype="float16", vocab=512)  # 4-bit packing: even
+    ckpt = build_tiny_random(tmp_path_factory.mktemp("lm_head") / "ckpt", spec)
     store = ExpertStore(ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xl"), progress=False).load()
     src = make_source(stores=[store])
     base = dict(device="cuda", attn_bits=4, experts_per_layer=3, prefetch=2)

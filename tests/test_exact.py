@@ -347,25 +347,13 @@ def test_graph_host_steps_keep_the_device_rows_table(tiny_ckpt: Path, tiny_exact
         engine.close()
 
 
-def even_vocab_ckpt(path: Path) -> Path:
-    """A tiny random Mixtral whose vocabulary (256) packs at 4 bits; tiny-random's 259 tokens do not."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-                           max_position_embeddings=256, tie_word_embeddings=False)
-    MixtralForCausalLM(config).save_pretrained(path)
-    return path
-
-
 def test_quantized_lm_head_matches_its_reference_and_frees_memory(tiny_ckpt: Path, tmp_path: Path) -> None:
     """``lm_head_bits`` 4: transformers' tokens on the hqq-dequantized lm_head (both decode paths) and fewer
     device bytes for the shell; an lm_head that does not pack, or one tied to the embedding table (it would be
     held twice), is refused with a clear error."""
     from coordinator.model import ShellSpec, build_shell, non_expert_bytes
 
-    ckpt = even_vocab_ckpt(tmp_path / "even")
+    ckpt = build_tiny_random(tmp_path / "even", TinySpec(layers=2, vocab=320))  # 259 tokens do not pack at 4 bits
     reference, exact = reference_model(ckpt, lm_head_bits=4), reference_model(ckpt)
     assert any(greedy(reference, p, NEW_TOKENS) != greedy(exact, p, NEW_TOKENS) for p in TINY_PROMPTS), \
         "a 4-bit lm_head should change some tokens of a random model, or this test proves little"
@@ -377,7 +365,7 @@ def test_quantized_lm_head_matches_its_reference_and_frees_memory(tiny_ckpt: Pat
         engines = [Coordinator(ckpt, make_source(stores=stores), cfg.with_(lm_head_bits=b)) for b in (4, 16)]
         # on the CPU lm_head stays hqq's HQQLinear, whose forward dequantizes it whole: the reserve holds that
         reserve = [e._workspace_bytes(torch.float32, e.runner.manifests) for e in engines]
-        assert reserve[0] - reserve[1] == 256 * 64 * 4
+        assert reserve[0] - reserve[1] == 320 * 64 * 4
         for e in engines:
             e.close()
     finally:
