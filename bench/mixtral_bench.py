@@ -375,5 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    from bench.system_bench import IN_LOOP_ALLOC_CONF
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", IN_LOOP_ALLOC_CONF)
     sys.exit(main())

@@ -121,6 +121,10 @@ def write_worker_caches(ckpt: Path, root: Path, spec: QuantSpec, shards: int,
     return qfp
 
 
+IN_LOOP_ALLOC_CONF = "expandable_segments:False"
+"""The allocator setting of the bench's own process (rows (a)–(p), as in every earlier table)."""
+
+
 class Proc:
     """A ``python -m ...`` server; waits for its 'serving on' line, echoes its output to a log file."""
 
@@ -206,6 +210,8 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
     log(f"system: checkpoint + {args.workers} worker caches written in {time.perf_counter() - t0:.1f}s")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "MOE_CACHE_DIR": str(work / "moe-cache")}
+    if env.get("PYTORCH_CUDA_ALLOC_CONF") == IN_LOOP_ALLOC_CONF:  # the in-loop rows' own, not the user's: the
+        del env["PYTORCH_CUDA_ALLOC_CONF"]  # servers set up their allocator as they do for a user (item 77)
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
     workers = []
     try:

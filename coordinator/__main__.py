@@ -128,6 +128,9 @@ def open_source(args: argparse.Namespace) -> object:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from coordinator import device_memory
     from coordinator.engine import Coordinator
     from coordinator.server import serve
     from modelzoo import resolve_model
@@ -139,7 +142,12 @@ def _serve(args: argparse.Namespace) -> int:
     security.validate()  # refuse a bad bind before loading anything
     ckpt = resolve_model(args.model)
     source = open_source(args)
-    engine = Coordinator(ckpt, source, engine_config(args))  # type: ignore[arg-type]
+    config = engine_config(args)
+    if config.gpu_memory_gb is not None and torch.cuda.is_available():
+        # before loading: holes that loading's temporaries leave in the weights' fixed segments could not be
+        # given back, and under the cap they refused a 32 MiB block with ~200 MiB free (item 77)
+        device_memory.expandable_segments()
+    engine = Coordinator(ckpt, source, config)  # type: ignore[arg-type]
     engine.cap_device_memory()  # this process owns the device: --gpu-memory-gb bounds its whole footprint
     running = serve(engine, args.host, args.port, args.max_queue, security, reuse_port=args.reuse_port)
     stop = threading.Event()

@@ -10,11 +10,11 @@ MIB = 2**20
 
 
 def expandable_segments() -> bool:
-    """Lets the allocator grow and shrink one mapped segment per pool instead of caching fixed blocks: a prefill
-    frees activations of many sizes, and under a tight cap the holes they leave in fixed segments refused a
-    20 MiB block while 229 MiB sat cached (bench/NOTES.md item 77). Applies to blocks allocated from now on;
-    the weights, loaded before, stay where they are. A user's own allocator configuration wins. True when it
-    was turned on."""
+    """Lets the allocator grow and shrink one mapped segment per pool, and unmap the pages of any free block,
+    instead of caching fixed segments: under a tight cap, holes left in segments that also hold live tensors
+    refused a 32 MiB block while ~200 MiB sat free (bench/NOTES.md item 77). Applies to blocks allocated from
+    now on, so the serving process calls it before loading. A user's own allocator configuration wins. True
+    when it was turned on."""
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return False
     # torch 2.13 moved the setter and deprecated the old name; 2.11 (the GPU machine's) may have only that one

@@ -39,6 +39,9 @@ REQUEST_KEYS = ("expert_uses", "cache_hits", "cache_misses", "prefetch_issued", 
 CUDA_CONTEXT_RESERVE = 560 * 2**20
 """Device bytes outside torch's allocator: the CUDA context (527 MiB measured on H100 and H200 with torch 2.11,
 bench/NOTES.md item 76), cuBLAS and Triton modules. ``cap_device_memory`` holds the allocator to the rest."""
+ALLOCATOR_SLACK = 256 * 2**20
+"""Device bytes the allocator holds but cannot lend: holes in segments that also hold live tensors. Under the
+cap, 85–233 MiB of them refused a 32 MiB block (item 77), so the plan leaves this much of the cap unplanned."""
 
 
 def load_manifests(source: ExpertSource, layout: ExpertLayout, workers: int) -> dict[ExpertKey, ExpertManifest]:
@@ -174,7 +177,7 @@ class Coordinator:
         if self.config.lm_head_bits < 16 and not isinstance(self.model.lm_head, PackedLinear):
             weights += mc.vocab_size * hidden * size  # hqq's forward dequantizes the whole lm_head per call
         activations = 8 * min(self.max_positions, self.config.prefill_chunk) * (hidden + 2 * inter) * size
-        context = CUDA_CONTEXT_RESERVE if self.device.type == "cuda" else 0
+        context = CUDA_CONTEXT_RESERVE + ALLOCATOR_SLACK if self.device.type == "cuda" else 0
         return weights + activations + 2 * mc.vocab_size * 4 + context
 
     def _layer_slots(self, slot_bytes: int, manifests: dict[ExpertKey, ExpertManifest]) -> list[int]:
@@ -426,13 +429,12 @@ class Coordinator:
             return None
         limit = int(self.config.gpu_memory_gb * GIB) - CUDA_CONTEXT_RESERVE
         torch.cuda.empty_cache()  # loading's temporaries, so the limit starts from what is live
-        expandable = device_memory.expandable_segments()
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         total = torch.cuda.get_device_properties(index).total_memory
         # torch wants an index here: a bare torch.device("cuda") is refused
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
-        log.info("device memory: torch's allocator capped at %.3f GiB (%.3f GiB less the context reserve)%s",
-                 limit / GIB, self.config.gpu_memory_gb, ", expandable segments" if expandable else "")
+        log.info("device memory: torch's allocator capped at %.3f GiB (%.3f GiB less the context reserve)",
+                 limit / GIB, self.config.gpu_memory_gb)
         return limit
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ co-located worker's shared memory, device memory accounting. Skipped without CUD
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +69,7 @@ def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, so
     torch.cuda.empty_cache()
     room = 512 * 2**20  # above what is live now
     cap_gb = (torch.cuda.memory_allocated() + CUDA_CONTEXT_RESERVE + room) / GIB
+    expandable = device_memory.expandable_segments()  # as `coordinator serve` does before loading
     engine = Coordinator(tiny_ckpt, source, CoordinatorConfig(device="cuda", gpu_memory_gb=cap_gb))
     try:
         limit = engine.cap_device_memory()
@@ -79,7 +79,7 @@ def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, so
             block = torch.empty(mib * 2**20, dtype=torch.uint8, device="cuda")
             del block
         assert torch.cuda.max_memory_reserved() <= limit
-        if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):  # blocks from now on come from expandable segments
+        if expandable:  # blocks now come from expandable segments
             block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
             assert any(seg.get("is_expandable") for seg in torch.cuda.memory_snapshot())
             del block
@@ -412,12 +412,17 @@ def test_packed_lm_head_in_the_graph_decoder(tmp_path_factory: pytest.TempPathFa
     also inside the decoder's CUDA graphs) and gives, step after step, the logits of hqq's own dequantize +
     matmul on the same codes; the shell holds fewer bytes than with the fp16 lm_head (~3.5 of 16 bits a weight
     at 4 bits, g64)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
     from coordinator.model import PackedLinear, non_expert_bytes
     from expert_workers.format import INT2
-    from modelzoo.tiny import TinySpec, build_tiny_random
 
-    spec = TinySpec(layers=2, hidden=256, intermediate=512, dtype="float16", vocab=512)  # 4-bit packing: even
-    ckpt = build_tiny_random(tmp_path_factory.mktemp("lm_head") / "ckpt", spec)
+    torch.manual_seed(0)
+    ckpt = tmp_path_factory.mktemp("lm_head") / "ckpt"  # an even vocabulary: 4-bit packing needs it
+    MixtralForCausalLM(MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                     num_experts_per_tok=2, max_position_embeddings=256,
+                                     tie_word_embeddings=False)).half().save_pretrained(ckpt)
     store = ExpertStore(ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xl"), progress=False).load()
     src = make_source(stores=[store])
     base = dict(device="cuda", attn_bits=4, experts_per_layer=3, prefetch=2)
