@@ -94,6 +94,64 @@ def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, so
         engine.close()
 
 
+def _fill_device(leave_mib: int) -> list[torch.Tensor]:
+    """Takes every byte the capped allocator will still lend (big blocks, then smaller ones, until it refuses),
+    then gives ``leave_mib`` MiB of the 2 MiB blocks back."""
+    held: list[torch.Tensor] = []
+    for size in (64 * 2**20, 2 * 2**20, 2**19, 2**12):
+        while True:
+            try:
+                held.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+            except torch.cuda.OutOfMemoryError:
+                break
+    back = set([i for i, t in enumerate(held) if t.numel() == 2 * 2**20][: leave_mib // 2])
+    return [t for i, t in enumerate(held) if i not in back]
+
+
+def test_out_of_memory_fails_one_request_and_the_engine_serves_on(kernel_ckpt: Path,
+                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under the cap, a request that finds the device full fails with torch's OutOfMemoryError (the server
+    answers RESOURCE_EXHAUSTED) wherever it runs out: in the prefill, or while capturing its CUDA graphs (they
+    are dropped first, so each request captures anew), depending on how much is left. Once memory is back the
+    same engine gives its first greedy tokens again, and counts the failures."""
+    from coordinator import device_memory
+    from coordinator.config import GIB
+    from coordinator.engine import CUDA_CONTEXT_RESERVE
+    from expert_workers.format import INT2
+
+    store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xo"), progress=False).load()
+    torch.cuda.empty_cache()
+    cap_gb = (torch.cuda.memory_allocated() + CUDA_CONTEXT_RESERVE + 1024 * 2**20) / GIB
+    device_memory.expandable_segments()
+    config = CoordinatorConfig(device="cuda", gpu_memory_gb=cap_gb)
+    engine = Coordinator(kernel_ckpt, make_source(stores=[store]), config)
+    params, failed = GenerateParams(prompt_token_ids=tuple(PROMPTS[2]), max_new_tokens=12), 0
+    try:
+        assert engine.decoder is not None and engine.decoder.graphs_wanted
+        engine.cap_device_memory()
+        want = [e.token_id for e in engine.generate(params)[:-1]]
+        for leave_mib in (0, 2, 8, 32):
+            engine.decoder.graphs.clear()  # the next request captures its graphs while the device is full
+            held = _fill_device(leave_mib)
+            try:
+                engine.generate(params)
+            except torch.cuda.OutOfMemoryError:
+                failed += 1
+            del held
+            torch.cuda.empty_cache()
+            assert [e.token_id for e in engine.generate(params)[:-1]] == want, leave_mib
+        assert failed >= 1, "a full device should have failed at least the first request"
+        assert engine.stats()["requests_failed"] == failed
+        engine.cache.check()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:False")
+        torch.cuda.empty_cache()
+        engine.close()
+        store.close()
+
+
 def test_host_embedding_gathers_from_pinned_memory_in_a_graph() -> None:
     """The GPU reads the pinned host table by itself: the same rows as a device table, also replayed from a
     CUDA graph with a new token id written into the captured input."""
