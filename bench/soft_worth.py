@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import random
 from pathlib import Path
 
@@ -34,8 +35,8 @@ def router_trace(sequences: int, tokens: int = 512) -> tuple[np.ndarray, np.ndar
     model = MixtralForCausalLM.from_pretrained(CODE_MOE, dtype=torch.float32).eval()
     files = sorted(glob.glob(str(Path(np.__file__).parent / "**" / "*.py"), recursive=True))
     random.Random(0).shuffle(files)
-    seqs = [ids[:tokens] for f in files if len(ids := tok(Path(f).read_text(errors="ignore"))["input_ids"]) >= tokens]
-    ids = torch.tensor(seqs[:sequences])
+    encoded = (tok(Path(f).read_text(errors="ignore"))["input_ids"] for f in files)  # read only as far as needed
+    ids = torch.tensor(list(itertools.islice((i[:tokens] for i in encoded if len(i) >= tokens), sequences)))
     probs = []
     with torch.no_grad():
         for batch in ids.split(8):
