@@ -9,8 +9,9 @@ import torch
 GIB = 2**30
 DECODE_MODES = ("auto", "graphs", "static", "transformers")
 EVICTIONS = ("lru", "lrfu")
-ATTN_BITS = (4, 8, 16)  # hqq bits of attention and lm_head; 16 = unquantized
 """Expert cache eviction policies (``coordinator.cache``)."""
+ATTN_BITS = (4, 8, 16)
+"""hqq bits of attention and lm_head; 16 = as in the checkpoint."""
 
 
 def default_device() -> str:

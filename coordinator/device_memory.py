@@ -9,24 +9,29 @@ import torch
 MIB = 2**20
 
 
-def expandable_segments() -> bool:
+def index_of(device: torch.device) -> int:
+    """The CUDA device's index (torch's allocator calls want one; a bare ``torch.device("cuda")`` is refused)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def expandable_segments(enabled: bool = True) -> bool:
     """Lets the allocator grow and shrink one mapped segment per pool, and unmap the pages of any free block,
     instead of caching fixed segments: under a tight cap, holes left in segments that also hold live tensors
     refused a 32 MiB block while ~200 MiB sat free (bench/NOTES.md item 77). Applies to blocks allocated from
-    now on, so the serving process calls it before loading. A user's own allocator configuration wins. True
-    when it was turned on."""
+    now on, so the serving process calls it before loading; ``enabled`` False turns it off again (tests). A
+    user's own allocator configuration wins. True when the setting was applied."""
     if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
         return False
     # torch 2.13 moved the setter and deprecated the old name; 2.11 (the GPU machine's) may have only that one
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    (setter or torch.cuda.memory._set_allocator_settings)(f"expandable_segments:{enabled}")
     return True
 
 
 def by_pool(device: torch.device) -> str:
     """Reserved and free MiB of each allocator pool on ``device`` (the default pool, each CUDA graph's private
     one), for the log when a request runs out of memory: free bytes in a graph's pool cannot serve anyone else."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = index_of(device)
     pools: dict[tuple[int, int], list[int]] = {}
     for seg in torch.cuda.memory_snapshot():
         if seg.get("device", index) != index:

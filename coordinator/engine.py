@@ -281,13 +281,10 @@ class Coordinator:
             self._count("requests_cancelled")
             self._count("cancelled_generated_tokens", len(out.generated))
             raise
-        except torch.cuda.OutOfMemoryError:
+        except BaseException as e:
             self._count("requests_failed")
-            if self.device.type == "cuda":
+            if isinstance(e, torch.cuda.OutOfMemoryError) and self.device.type == "cuda":
                 log.warning("out of device memory: %s", device_memory.by_pool(self.device))
-            raise
-        except BaseException:
-            self._count("requests_failed")
             raise
         stats = self._request_stats(prompt_ids, out.generated, arrived, out.first_at, before)
         emit(TokenEvent(None, out.detok.flush(), out.finish, stats))
@@ -429,9 +426,8 @@ class Coordinator:
             return None
         limit = int(self.config.gpu_memory_gb * GIB) - CUDA_CONTEXT_RESERVE
         torch.cuda.empty_cache()  # loading's temporaries, so the limit starts from what is live
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        index = device_memory.index_of(self.device)
         total = torch.cuda.get_device_properties(index).total_memory
-        # torch wants an index here: a bare torch.device("cuda") is refused
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
         log.info("device memory: torch's allocator capped at %.3f GiB (%.3f GiB less the context reserve)",
                  limit / GIB, self.config.gpu_memory_gb)

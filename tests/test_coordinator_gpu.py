@@ -3,6 +3,7 @@ co-located worker's shared memory, device memory accounting. Skipped without CUD
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,28 @@ def test_cuda_exact_with_streams(tiny_ckpt: Path, source: ExpertSource, k: int, 
         engine.close()
 
 
+@contextlib.contextmanager
+def capped(ckpt: Path, source: ExpertSource, room_mib: int) -> Iterator[tuple[Coordinator, float, bool]]:
+    """(engine, cap in GiB, whether segments are expandable), set up as ``coordinator serve`` does: expandable
+    segments before loading, a cap of what is live now + the context reserve + ``room_mib``; the caller calls
+    ``cap_device_memory``. Afterwards the allocator is as the later tests expect it: uncapped, fixed segments."""
+    from coordinator import device_memory
+    from coordinator.config import GIB
+    from coordinator.engine import CUDA_CONTEXT_RESERVE
+
+    torch.cuda.empty_cache()
+    cap_gb = (torch.cuda.memory_allocated() + CUDA_CONTEXT_RESERVE + room_mib * 2**20) / GIB
+    expandable = device_memory.expandable_segments()
+    engine = Coordinator(ckpt, source, CoordinatorConfig(device="cuda", gpu_memory_gb=cap_gb))
+    try:
+        yield engine, cap_gb, expandable
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        device_memory.expandable_segments(False)
+        torch.cuda.empty_cache()
+        engine.close()
+
+
 def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, source: ExpertSource) -> None:
     """``cap_device_memory`` holds torch's allocator to ``gpu_memory_gb`` less the context reserve: blocks of
     growing sizes, each freed before the next (what a long prefill does), would leave every one cached; capped,
@@ -66,12 +89,7 @@ def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, so
     from coordinator.config import GIB
     from coordinator.engine import CUDA_CONTEXT_RESERVE
 
-    torch.cuda.empty_cache()
-    room = 512 * 2**20  # above what is live now
-    cap_gb = (torch.cuda.memory_allocated() + CUDA_CONTEXT_RESERVE + room) / GIB
-    expandable = device_memory.expandable_segments()  # as `coordinator serve` does before loading
-    engine = Coordinator(tiny_ckpt, source, CoordinatorConfig(device="cuda", gpu_memory_gb=cap_gb))
-    try:
+    with capped(tiny_ckpt, source, 512) as (engine, cap_gb, expandable):
         limit = engine.cap_device_memory()
         assert limit == int(cap_gb * GIB) - CUDA_CONTEXT_RESERVE
         torch.cuda.reset_peak_memory_stats()
@@ -86,12 +104,6 @@ def test_capped_allocator_frees_its_cache_instead_of_growing(tiny_ckpt: Path, so
         with pytest.raises(torch.cuda.OutOfMemoryError):
             torch.empty(limit, dtype=torch.uint8, device="cuda")
         assert "MiB reserved" in device_memory.by_pool(torch.device("cuda"))  # what an OOM's log line shows
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:False")  # the later tests'
-        torch.cuda.empty_cache()
-        engine.close()
 
 
 def _fill_device(leave_mib: int) -> list[torch.Tensor]:
@@ -114,41 +126,29 @@ def test_out_of_memory_fails_one_request_and_the_engine_serves_on(kernel_ckpt: P
     answers RESOURCE_EXHAUSTED) wherever it runs out: in the prefill, or while capturing its CUDA graphs (they
     are dropped first, so each request captures anew), depending on how much is left. Once memory is back the
     same engine gives its first greedy tokens again, and counts the failures."""
-    from coordinator import device_memory
-    from coordinator.config import GIB
-    from coordinator.engine import CUDA_CONTEXT_RESERVE
     from expert_workers.format import INT2
 
     store = ExpertStore(kernel_ckpt, "0/1", INT2, cache_dir=tmp_path_factory.mktemp("xo"), progress=False).load()
-    torch.cuda.empty_cache()
-    cap_gb = (torch.cuda.memory_allocated() + CUDA_CONTEXT_RESERVE + 1024 * 2**20) / GIB
-    device_memory.expandable_segments()
-    config = CoordinatorConfig(device="cuda", gpu_memory_gb=cap_gb)
-    engine = Coordinator(kernel_ckpt, make_source(stores=[store]), config)
     params, failed = GenerateParams(prompt_token_ids=tuple(PROMPTS[2]), max_new_tokens=12), 0
     try:
-        assert engine.decoder is not None and engine.decoder.graphs_wanted
-        engine.cap_device_memory()
-        want = [e.token_id for e in engine.generate(params)[:-1]]
-        for leave_mib in (0, 2, 8, 32):
-            engine.decoder.graphs.clear()  # the next request captures its graphs while the device is full
-            held = _fill_device(leave_mib)
-            try:
-                engine.generate(params)
-            except torch.cuda.OutOfMemoryError:
-                failed += 1
-            del held
-            torch.cuda.empty_cache()
-            assert [e.token_id for e in engine.generate(params)[:-1]] == want, leave_mib
-        assert failed >= 1, "a full device should have failed at least the first request"
-        assert engine.stats()["requests_failed"] == failed
-        engine.cache.check()
+        with capped(kernel_ckpt, make_source(stores=[store]), 1024) as (engine, _, _):
+            assert engine.decoder is not None and engine.decoder.graphs_wanted
+            engine.cap_device_memory()
+            want = [e.token_id for e in engine.generate(params)[:-1]]
+            for leave_mib in (0, 2, 8, 32):
+                engine.decoder.graphs.clear()  # the next request captures its graphs while the device is full
+                held = _fill_device(leave_mib)
+                try:
+                    engine.generate(params)
+                except torch.cuda.OutOfMemoryError:
+                    failed += 1
+                del held
+                torch.cuda.empty_cache()
+                assert [e.token_id for e in engine.generate(params)[:-1]] == want, leave_mib
+            assert failed >= 1, "a full device should have failed at least the first request"
+            assert engine.stats()["requests_failed"] == failed
+            engine.cache.check()
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-        (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:False")
-        torch.cuda.empty_cache()
-        engine.close()
         store.close()
 
 

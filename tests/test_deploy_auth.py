@@ -86,6 +86,10 @@ def test_coordinator_args_carry_the_decode_settings() -> None:
     from deploy.spec import EVICTIONS as DEPLOY_EVICTIONS
 
     assert DEPLOY_EVICTIONS == EVICTIONS
+    from coordinator.config import ATTN_BITS
+    from deploy.spec import ATTN_BITS as DEPLOY_ATTN_BITS
+
+    assert DEPLOY_ATTN_BITS == ATTN_BITS
     for bad in ({"prefetch": -1}, {"prefetch_ahead": 3}, {"decode": "fast"}, {"repartition_every": -1},
                 {"eviction": "fifo"}, {"lm_head_bits": 3}):
         with pytest.raises(ValueError, match="prefetch|decode|repartition|eviction|lm_head"):
