@@ -48,6 +48,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-bits", type=int, choices=ATTN_BITS, default=4, help="hqq bits for attention")
     p.add_argument("--lm-head-bits", type=int, choices=ATTN_BITS, default=16,
                    help="hqq bits for lm_head (untied only): 4 frees 188 MB for expert slots on Mixtral")
+    p.add_argument("--allocator-slack-mib", type=int, default=256,
+                   help="with --gpu-memory-gb on CUDA: MiB of the cap left unplanned for the allocator's holes")
     p.add_argument("--max-seq-len", type=_positive_int, help="longest prompt+generation (default: the model's)")
     p.add_argument("--prefill-chunk", type=_positive_int, default=512,
                    help="prompt tokens per prefill forward pass (bounds the memory a long prompt needs)")
@@ -103,6 +105,7 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> CoordinatorC
         gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,
         repartition_every=args.repartition_every, eviction=args.eviction, admission=args.admission,
         attn_bits=args.attn_bits, lm_head_bits=args.lm_head_bits,
+        allocator_slack_mib=args.allocator_slack_mib,
         max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, max_queue=getattr(args, "max_queue", 16),
         fetch_workers=args.fetch_workers, fetch_timeout_s=args.fetch_timeout_s,
         zero_copy=not args.no_zero_copy, decode=args.decode, speculate=not args.no_speculate,

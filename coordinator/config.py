@@ -61,6 +61,11 @@ class CoordinatorConfig:
     to the embedding table is refused. Off by default, since it changes the model's output: with 2-bit experts
     on an H100 it made decode 4–9% faster at 8 GB and 7% at 12 GB, with 3-bit experts no faster
     (bench/NOTES.md item 73)."""
+    allocator_slack_mib: int = 256
+    """On CUDA under ``gpu_memory_gb``: MiB of the cap the plan leaves unplanned, for the holes torch's allocator
+    holds but cannot lend (blocks free inside segments that also hold live tensors). With fixed segments 233 MiB
+    of them refused a 32 MiB block; with expandable segments (``coordinator serve``'s default) 97–127 MiB
+    (bench/NOTES.md item 77). Each 55 MB less is one more 2-bit Mixtral expert slot."""
     max_seq_len: int | None = None
     """Longest prompt + generation; None = the model's max_position_embeddings. Sizes the KV reserve."""
     prefill_chunk: int = 512
@@ -112,6 +117,8 @@ class CoordinatorConfig:
             raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         if self.repartition_every < 0:
             raise ValueError(f"repartition_every must be >= 0, got {self.repartition_every}")
+        if self.allocator_slack_mib < 0:
+            raise ValueError(f"allocator_slack_mib must be >= 0, got {self.allocator_slack_mib}")
         if self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
         if self.max_queue < 0 or self.fetch_workers < 1:

@@ -39,9 +39,6 @@ REQUEST_KEYS = ("expert_uses", "cache_hits", "cache_misses", "prefetch_issued", 
 CUDA_CONTEXT_RESERVE = 560 * 2**20
 """Device bytes outside torch's allocator: the CUDA context (527 MiB measured on H100 and H200 with torch 2.11,
 bench/NOTES.md item 76), cuBLAS and Triton modules. ``cap_device_memory`` holds the allocator to the rest."""
-ALLOCATOR_SLACK = 256 * 2**20
-"""Device bytes the allocator holds but cannot lend: holes in segments that also hold live tensors. Under the
-cap, 85–233 MiB of them refused a 32 MiB block (item 77), so the plan leaves this much of the cap unplanned."""
 
 
 def load_manifests(source: ExpertSource, layout: ExpertLayout, workers: int) -> dict[ExpertKey, ExpertManifest]:
@@ -177,7 +174,8 @@ class Coordinator:
         if self.config.lm_head_bits < 16 and not isinstance(self.model.lm_head, PackedLinear):
             weights += mc.vocab_size * hidden * size  # hqq's forward dequantizes the whole lm_head per call
         activations = 8 * min(self.max_positions, self.config.prefill_chunk) * (hidden + 2 * inter) * size
-        context = CUDA_CONTEXT_RESERVE + ALLOCATOR_SLACK if self.device.type == "cuda" else 0
+        slack = self.config.allocator_slack_mib * 2**20  # holes the allocator cannot lend (config docstring)
+        context = CUDA_CONTEXT_RESERVE + slack if self.device.type == "cuda" else 0
         return weights + activations + 2 * mc.vocab_size * 4 + context
 
     def _layer_slots(self, slot_bytes: int, manifests: dict[ExpertKey, ExpertManifest]) -> list[int]:

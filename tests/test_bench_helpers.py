@@ -14,11 +14,11 @@ from coordinator.__main__ import parse_args
 def test_sys_prefetch_items_become_coordinator_flags() -> None:
     """Each (d) row's flags parse as the coordinator's own: prefetch, the layers guessed ahead, speculation,
     pipelining."""
-    settings = prefetch_settings("2,2n,0,2:2,2p,1np,2fl,2a,2h")
+    settings = prefetch_settings("2,2n,0,2:2,2p,1np,2fl,2a,2h,2s")
     assert [name for name, _ in settings] == ["_prefetch2", "_prefetch2_nospec", "_prefetch0", "_prefetch2_ahead2",
                                               "_prefetch2_nopipe", "_prefetch1_nospec_nopipe",
                                               "_prefetch2_fixedslots_lru", "_prefetch2_no_admission",
-                                              "_prefetch2_lm_head4"]
+                                              "_prefetch2_lm_head4", "_prefetch2_slack160"]
     parsed = [parse_args(["serve", "--model", "m", "--workers", "127.0.0.1:1", *flags]) for _, flags in settings]
     assert [(a.prefetch, a.prefetch_ahead, a.no_speculate, a.no_pipeline, a.repartition_every, a.eviction,
              a.admission, a.lm_head_bits) for a in parsed] == [
@@ -26,24 +26,27 @@ def test_sys_prefetch_items_become_coordinator_flags() -> None:
         (0, 1, False, False, 32, "lrfu", True, 16), (2, 2, False, False, 32, "lrfu", True, 16),
         (2, 1, False, True, 32, "lrfu", True, 16), (1, 1, True, True, 32, "lrfu", True, 16),
         (2, 1, False, False, 0, "lru", True, 16), (2, 1, False, False, 32, "lrfu", False, 16),
-        (2, 1, False, False, 32, "lrfu", True, 4)]
+        (2, 1, False, False, 32, "lrfu", True, 4), (2, 1, False, False, 32, "lrfu", True, 16)]
+    assert [a.allocator_slack_mib for a in parsed] == [256] * 9 + [160]
 
 
 def test_new_coordinator_flags_reach_the_config() -> None:
-    """The coordinator's --prefill-chunk, --no-host-embeddings, --no-admission and --lm-head-bits land in
-    CoordinatorConfig (defaults 512, on, on, 16)."""
+    """The coordinator's --prefill-chunk, --no-host-embeddings, --no-admission, --lm-head-bits and
+    --allocator-slack-mib land in CoordinatorConfig (defaults 512, on, on, 16, 256)."""
     from coordinator.__main__ import engine_config
 
     base = ["serve", "--model", "m", "--workers", "127.0.0.1:1"]
     default = engine_config(parse_args(base))
     assert default.prefill_chunk == 512 and default.host_embeddings and default.admission
-    assert default.lm_head_bits == 16
+    assert default.lm_head_bits == 16 and default.allocator_slack_mib == 256
     changed = engine_config(parse_args([*base, "--prefill-chunk", "64", "--no-host-embeddings", "--no-admission",
-                                        "--lm-head-bits", "4"]))
+                                        "--lm-head-bits", "4", "--allocator-slack-mib", "160"]))
     assert changed.prefill_chunk == 64 and not changed.host_embeddings and not changed.admission
-    assert changed.lm_head_bits == 4
+    assert changed.lm_head_bits == 4 and changed.allocator_slack_mib == 160
     with pytest.raises(SystemExit):
         parse_args([*base, "--prefill-chunk", "0"])
+    with pytest.raises(ValueError, match="allocator_slack_mib"):
+        engine_config(parse_args([*base, "--allocator-slack-mib", "-1"]))
 
 
 def _row(variant: str, ms: float, cap: float | None = None, hit: float = 1.0, mb: float = 0.0) -> dict[str, Any]:
