@@ -306,7 +306,8 @@ def prefetch_settings(spec: str) -> list[tuple[str, list[str]]]:
     optional trailing letters "n" (no speculative segments: ``--no-speculate``), "p" (no pipelined tokens:
     ``--no-pipeline``), "f" (slots fixed, evenly spread: ``--repartition-every 0``), "l" (LRU eviction:
     ``--eviction lru``), "a" (every miss admitted: ``--no-admission``) and "h" (4-bit lm_head: ``--lm-head-bits
-    4``) and "s" (160 MiB allocator slack: ``--allocator-slack-mib 160``), as (row name suffix, coordinator flags); the first item is (d) itself."""
+    4``) and "s" (160 MiB allocator slack: ``--allocator-slack-mib 160``), as (row name suffix, coordinator
+    flags); the first item is (d) itself."""
     letters_of = {"n": ("_nospec", ["--no-speculate"]), "p": ("_nopipe", ["--no-pipeline"]),
                   "f": ("_fixedslots", ["--repartition-every", "0"]), "l": ("_lru", ["--eviction", "lru"]),
                   "a": ("_no_admission", ["--no-admission"]), "h": ("_lm_head4", ["--lm-head-bits", "4"]),

@@ -291,10 +291,11 @@ class StaticDecoder:
                 for seg in range(self.L + 1):
                     self.segment(seg)
             torch.cuda.current_stream(self.dev).wait_stream(side)
-            if self._pool is None or not self.graphs:
-                # A pool that no live graph holds may still be known to the allocator with no users (a capture
-                # that ran out of memory part-way leaves it so), and capturing into it again trips torch's
-                # internal assert "use_count > 0" on every later request (bench/NOTES.md item 82): a new one.
+            if not self.graphs:
+                # the first capture, or every earlier one is gone: a pool that no live graph holds may still be
+                # known to the allocator with no users (a capture that ran out of memory part-way leaves it so),
+                # and capturing into it again trips torch's internal assert "use_count > 0" on every later
+                # request (bench/NOTES.md item 82): a new one
                 self._pool = torch.cuda.graph_pool_handle()
             graphs = []
             for seg in range(self.L + 1):

@@ -174,7 +174,7 @@ class Coordinator:
         if self.config.lm_head_bits < 16 and not isinstance(self.model.lm_head, PackedLinear):
             weights += mc.vocab_size * hidden * size  # hqq's forward dequantizes the whole lm_head per call
         activations = 8 * min(self.max_positions, self.config.prefill_chunk) * (hidden + 2 * inter) * size
-        slack = self.config.allocator_slack_mib * 2**20  # holes the allocator cannot lend (config docstring)
+        slack = self.config.allocator_slack_mib * device_memory.MIB  # holes the allocator cannot lend
         context = CUDA_CONTEXT_RESERVE + slack if self.device.type == "cuda" else 0
         return weights + activations + 2 * mc.vocab_size * 4 + context
 
