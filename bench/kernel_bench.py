@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bench.synth import ModelShape
 from coordinator import dequant_ffn
 from coordinator import gpu_kernels as gk
-from expert_workers.format import ExpertManifest, dequantize_matrix, tensor_views
+from expert_workers.format import ExpertManifest, dequantize_matrix, meta_of, tensor_views
 
 
 def timeit(fn: Callable[[int], Any], n_rot: int, reps: int = 50, warmup: int = 5) -> float:
@@ -80,9 +80,10 @@ def _gemlite_expert(buf: torch.Tensor, man: ExpertManifest) -> tuple[list[Any], 
     for name in ("w1", "w3", "w2"):
         m = man.matrices[name]
         v = views[name]
+        scale, zero = meta_of(m, v)   # gemlite takes fp16 scales and zeros: 8-bit tables decoded
         w_q = Quantizer.unpack[m.packing](v["W_q"], dtype=torch.uint8).view(m.shape)   # gemlite repacks over K
         layers.append(A16Wn(device=str(buf.device)).from_weights(
-            w_q, v["scale"].view(m.shape[0], -1), v["zero"].view(m.shape[0], -1), W_nbits=m.bits,
+            w_q, scale.view(m.shape[0], -1), zero.view(m.shape[0], -1), W_nbits=m.bits,
             group_size=m.group_size))
     torch.cuda.synchronize()
     return layers, (time.perf_counter() - t0) * 1e3

@@ -14,6 +14,7 @@ the measured hit rates, not k/8, are what the transfer floor uses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -239,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--naive3-tokens", type=int, default=32)
     ap.add_argument("--guesses", type=int, default=2, help="next-layer experts prefetched per layer")
     ap.add_argument("--templates", type=int, default=4)
+    ap.add_argument("--meta-bits", type=int, default=16, choices=(16, 8),
+                    help="every row's experts with scales and zeros as 16-bit values or 8-bit table codes [16]")
     ap.add_argument("--reserve-gb", type=float, default=0.9,
                     help="activations, graph pools, allocator slack, prefetch spares (0.6 let the 8 GB in-loop rows "
                          "peak at 8.2 GB in results/2026-11-30-h200-s4b)")
@@ -327,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(results, indent=1, default=str))
         (out / f"{time.strftime('%Y-%m-%d')}-{a.tag}.md").write_text(report.markdown(results))
 
-    tpl2 = expert_templates(shape, INT2, a.templates, dev)
+    tpl2 = expert_templates(shape, dataclasses.replace(INT2, meta_bits=a.meta_bits), a.templates, dev)
     caps3 = [float(c) for c in a.caps3.split(",") if c]
-    tpl3 = expert_templates(shape, INT3, 2, dev, seed=10) if caps3 else None
+    tpl3 = expert_templates(shape, dataclasses.replace(INT3, meta_bits=a.meta_bits), 2, dev, seed=10) \
+        if caps3 else None
     log("templates quantized")
     probes(a, shape, tpl2, tpl3, dev, results, save)
     dense = build_dense(shape, dev)

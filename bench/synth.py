@@ -100,9 +100,13 @@ def build_bank(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManife
         host[idx, :nbytes].copy_(tpl[idx % len(tpl)])
         layer, e = divmod(idx, shape.experts)
         manifests.append(dataclasses.replace(templates[idx % len(tpl)][1], key=ExpertKey(layer, e)))
-    spec = QuantSpec(bits=templates[0][1].matrices["w1"].bits,
-                     group_size=templates[0][1].matrices["w1"].group_size or 64)
-    return ExpertBank(host=host, manifests=manifests, spec=spec)
+    return ExpertBank(host=host, manifests=manifests, spec=spec_of(templates))
+
+
+def spec_of(templates: list[tuple[np.ndarray, ExpertManifest]]) -> QuantSpec:
+    """The QuantSpec the templates were packed with (bits, group size, meta bits)."""
+    w1 = templates[0][1].matrices["w1"]
+    return QuantSpec(bits=w1.bits, group_size=w1.group_size or 64, meta_bits=w1.meta_bits)
 
 
 @dataclass

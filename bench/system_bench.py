@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench.synth import ModelShape
+from bench.synth import ModelShape, spec_of
 from expert_workers.format import ExpertManifest, QuantSpec, quant_fingerprint
 
 READY = re.compile(r"serving on (\S+:\d+)")
@@ -203,7 +203,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
         over_budget: Callable[[float], bool], rows: list[dict[str, Any]], work: Path,
         inloop: Callable[[str], None] | None = None, dense: Any = None) -> None:
     """Starts the workers once, then one coordinator per (mode, cap); appends one row per run."""
-    spec = QuantSpec(bits=templates[0][1].matrices["w1"].bits, group_size=templates[0][1].matrices["w1"].group_size)
+    spec = spec_of(templates)
     t0 = time.perf_counter()
     ckpt = write_checkpoint(work / "ckpt", shape, args.device, dense=dense)
     write_worker_caches(ckpt, work / "cache", spec, args.workers, templates)
@@ -218,6 +218,7 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
         for i in range(args.workers):
             workers.append(Proc(["expert_workers", "serve", "--model", str(ckpt), "--shard", f"{i}/{args.workers}",
                                  "--port", "0", "--expert-bits", str(spec.bits), "--group-size", str(spec.group_size),
+                                 "--meta-bits", str(spec.meta_bits),
                                  "--cache-dir", str(work / "cache"), "--no-progress"],
                                 work / f"worker{i}.log", env))
         addrs = ",".join(w.address for w in workers if w.address)

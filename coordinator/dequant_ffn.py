@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from coordinator import gpu_kernels as gk
 from coordinator import planes3
-from expert_workers.format import PLANES3, ExpertManifest, dequantize_matrix, dtype_of
+from expert_workers.format import LUT_ENTRIES, PLANES3, ExpertManifest, dequantize_matrix, dtype_of
 
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 DEQUANT_CHUNK = 1 << 23
@@ -51,14 +51,16 @@ def _dequant_rows(buf: torch.Tensor, lay: gk.PackedLayout, i: int, rows: tuple[i
     wdt, qdt = dtype_of(lay.weight_dtype), dtype_of(lay.wq_dtype)
     ngroups = s[0] * s[1] // lay.group_size
     w_q = buf[oq:oq + lay.wq_rows[i] * lay.group_size * qdt.itemsize].view(qdt).view(-1, lay.group_size)
-    scale = buf[os_:os_ + wdt.itemsize * ngroups].view(wdt)
-    zero = buf[oz:oz + wdt.itemsize * ngroups].view(wdt)
+    # at 8 meta bits: the tables (the kernel reads the codes that follow them in the buffer)
+    nmeta = LUT_ENTRIES if lay.meta8 else ngroups
+    scale = buf[os_:os_ + wdt.itemsize * nmeta].view(wdt)
+    zero = buf[oz:oz + wdt.itemsize * nmeta].view(wdt)
     numel = (rows[1] - rows[0]) * s[1]  # ≤ DEQUANT_CHUNK, or one row when a row alone is larger
     w = _workspace(max(DEQUANT_CHUNK, numel), buf.device, dtype, slot)[:numel].view(-1, s[1])
     if lay.packing == PLANES3:
         hi = buf[lay.hi_offsets[i]:lay.hi_offsets[i] + w_q.numel() // 2]
-        return planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w, rows)
-    return gk.dequantize(w_q, scale, zero, s, lay.bits, lay.group_size, lay.packing, dtype, w, rows)
+        return planes3.dequantize(w_q, hi, scale, zero, s, lay.group_size, w, rows, lay.meta8)
+    return gk.dequantize(w_q, scale, zero, s, lay.bits, lay.group_size, lay.packing, dtype, w, rows, lay.meta8)
 
 
 def row_blocks(n: int, k: int) -> list[tuple[int, int]]:

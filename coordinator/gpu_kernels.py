@@ -125,6 +125,9 @@ class PackedLayout:
     """Dtype of W_q ("uint8"; "int32" for hqq's own 3-bit packing, "3bit_32")."""
     hi_offsets: tuple[int, ...] = ()
     """Byte offsets of the high-bit planes (W_qh) of w1, w3, w2: PLANES3 only."""
+    meta8: bool = False
+    """Scales and zeros are 8-bit codes into a per-matrix table (``format.encode_meta8``); ``weight_dtype`` is the
+    table's dtype."""
 
     @classmethod
     def from_manifest(cls, m: ExpertManifest) -> PackedLayout:
@@ -132,16 +135,19 @@ class PackedLayout:
         if not (w1.bits == w3.bits == w2.bits and w1.group_size == w3.group_size == w2.group_size
                 and w1.shape == w3.shape and tuple(w2.shape) == tuple(w1.shape)[::-1]):
             raise ValueError(f"expert {m.key}: w1/w3/w2 must share bits, group size and transposed shapes")
+        if not w1.meta_bits == w3.meta_bits == w2.meta_bits:
+            raise ValueError(f"expert {m.key}: w1/w3/w2 must share meta bits")
         names = ("weight",) if w1.bits == 16 else ("W_q", "scale", "zero")
         offsets = tuple(mat.tensors[t].offset for mat in (w1, w3, w2) for t in names)
-        wdt = w1.tensors["weight" if w1.bits == 16 else "scale"].dtype
+        meta8 = w1.bits != 16 and w1.meta_bits == 8
+        wdt = w1.compute_dtype if meta8 else w1.tensors["weight" if w1.bits == 16 else "scale"].dtype
         wq = [mat.tensors["W_q"] for mat in (w1, w3, w2)] if w1.bits != 16 else []
         return cls(hidden=w1.shape[1], inter=w1.shape[0], bits=w1.bits, group_size=w1.group_size,
                    packing=w1.packing, offsets=offsets, weight_dtype=wdt, nbytes=m.nbytes,
                    wq_rows=tuple(e.nbytes // (w1.group_size * dtype_of(e.dtype).itemsize) for e in wq),
                    wq_dtype=wq[0].dtype if wq else "uint8",
                    hi_offsets=tuple(mat.tensors["W_qh"].offset for mat in (w1, w3, w2))
-                   if w1.packing == PLANES3 else ())
+                   if w1.packing == PLANES3 else (), meta8=meta8)
 
     @property
     def vals(self) -> int:
@@ -164,7 +170,7 @@ def configs_for(layout: PackedLayout) -> tuple[GemvConfig, GemvConfig]:
 
 # ----------------------------------------------------------------------------------------------- kernels
 if HAVE_TRITON:
-    from coordinator.gemv_steps import emit, kstep, qstep, rowsum, wstep, x_tile, xw_tile, zeros4
+    from coordinator.gemv_steps import emit, group_meta, kstep, qstep, rowsum, wstep, x_tile, xw_tile, zeros4
 
     @triton.jit
     def _gate_up_kernel(x_ptr, base_ptr, slots_ptr, slot_stride, h_ptr, zero_ptr, zero_n,
@@ -172,7 +178,8 @@ if HAVE_TRITON:
                         OQ3: tl.constexpr, OS3: tl.constexpr, OZ3: tl.constexpr,
                         H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                         TOPK: tl.constexpr, INDIRECT: tl.constexpr, ZERO_OUT: tl.constexpr,
-                        WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
+                        WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr,
+                        META8: tl.constexpr):
         """h[p, :] = silu(w1 x) * (w3 x) for pair p = program_id(1) (token p // TOPK, slot slots[p])."""
         V: tl.constexpr = 8 // BITS
         NV: tl.constexpr = I // V
@@ -197,15 +204,15 @@ if HAVE_TRITON:
                 xs0, xs1 = xw_tile(x_row, kb, 0, GROUP, GPB), xw_tile(x_row, kb, 1, GROUP, GPB)
                 xs2, xs3 = xw_tile(x_row, kb, 2, GROUP, GPB), xw_tile(x_row, kb, 3, GROUP, GPB)
                 g0, g1, g2, g3 = wstep(q1, s1, z1, xs0, xs1, xs2, xs3, rows, row_mask, kb, g0, g1, g2, g3,
-                                       NV, H, GROUP, BITS, BN, GPB)
+                                       NV, H, GROUP, BITS, BN, GPB, META8)
                 u0, u1, u2, u3 = wstep(q3, s3, z3, xs0, xs1, xs2, xs3, rows, row_mask, kb, u0, u1, u2, u3,
-                                       NV, H, GROUP, BITS, BN, GPB)
+                                       NV, H, GROUP, BITS, BN, GPB, META8)
             else:
                 x3 = x_tile(x_row, kb, GROUP, GPB)
                 g0, g1, g2, g3 = qstep(q1, s1, z1, x3, rows, row_mask, kb, g0, g1, g2, g3, NV, H, GROUP, BITS,
-                                       BN, GPB)
+                                       BN, GPB, META8)
                 u0, u1, u2, u3 = qstep(q3, s3, z3, x3, rows, row_mask, kb, u0, u1, u2, u3, NV, H, GROUP, BITS,
-                                       BN, GPB)
+                                       BN, GPB, META8)
         out = h_ptr + pair * I + rows
         a, b = rowsum(g0), rowsum(u0)
         tl.store(out, a / (1.0 + tl.exp(-a)) * b, mask=row_mask)
@@ -223,7 +230,8 @@ if HAVE_TRITON:
                      OQ: tl.constexpr, OS: tl.constexpr, OZ: tl.constexpr,
                      H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                      TOPK: tl.constexpr, INDIRECT: tl.constexpr, SPLIT_K: tl.constexpr,
-                     WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
+                     WDT: tl.constexpr, BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr,
+                     META8: tl.constexpr):
         """y[m] (+)= Σ_t weight[m, t] · w2_slot(m,t) · h[m·TOPK + t]; program (rows, K split, token m)."""
         V: tl.constexpr = 8 // BITS
         NV: tl.constexpr = H // V
@@ -248,7 +256,7 @@ if HAVE_TRITON:
             a0, a1, a2, a3 = zeros4(BN, GPB, GROUP // 4 if WORDS else GROUP, BITS)
             for kb in range(pid_k, NKB, SPLIT_K):
                 a0, a1, a2, a3 = kstep(q, s, z, h_ptr + pair * I, rows, row_mask, kb, a0, a1, a2, a3,
-                                       NV, I, GROUP, BITS, BN, GPB, WORDS)
+                                       NV, I, GROUP, BITS, BN, GPB, WORDS, META8)
             o0 += wt * rowsum(a0)
             if V >= 2:
                 o1 += wt * rowsum(a1)
@@ -277,7 +285,7 @@ if HAVE_TRITON:
         a0, a1, a2, a3 = zeros4(BN, GPB, GROUP // 4 if WORDS else GROUP, BITS)
         for kb in range(0, K // (GPB * GROUP)):
             a0, a1, a2, a3 = kstep(q_ptr, s_ptr, z_ptr, x_ptr + m * K, rows, row_mask, kb, a0, a1, a2, a3,
-                                   NV, K, GROUP, BITS, BN, GPB, WORDS)
+                                   NV, K, GROUP, BITS, BN, GPB, WORDS, False)
         out = y_ptr + m * N + rows
         emit(out, rowsum(a0), row_mask, 1)
         if V >= 2:
@@ -288,7 +296,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, first, total, step,
-                        GROUP: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr):
+                        GROUP: tl.constexpr, BITS: tl.constexpr, TOP: tl.constexpr, BLOCK: tl.constexpr,
+                        META8: tl.constexpr):
         """w[e − first] = (q(e) − zero[r]) · scale[r] for the elements first ≤ e < total of [N, K] (flat, so a
         range of whole rows); any hqq packing."""
         e = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: the caller checks N·K < 2**31
@@ -298,8 +307,8 @@ if HAVE_TRITON:
         v = r // step
         word = tl.load(q_ptr + i * GROUP + e % GROUP, mask=mask, other=0).to(tl.int32)
         q = ((word >> (TOP - BITS * (v + 1)).to(tl.int32)) & ((1 << BITS) - 1)).to(tl.float32)
-        s = tl.load(s_ptr + r, mask=mask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + r, mask=mask, other=0).to(tl.float32)
+        s = group_meta(s_ptr, r, mask, META8)
+        z = group_meta(z_ptr, r, mask, META8)
         tl.store(w_ptr + (e - first), ((q - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -395,12 +404,12 @@ def _launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tenso
         return _finish(x, y, out, split)
     _gate_up_kernel[grid1](x, base, slots, stride, h, y, m * hdim, o[0], o[1], o[2], o[3], o[4], o[5],
                            hdim, idim, g, bits, topk, indirect, split_zero, wdt,
-                           BN=gu.block_n, GPB=gu.groups_per_block, WORDS=_words(gu, g), num_warps=gu.num_warps,
-                           num_stages=gu.num_stages)
+                           BN=gu.block_n, GPB=gu.groups_per_block, WORDS=_words(gu, g), META8=lay.meta8,
+                           num_warps=gu.num_warps, num_stages=gu.num_stages)
     grid2 = (triton.cdiv(hdim // vals, dn.block_n), dn.split_k, m)
     _down_kernel[grid2](h, base, slots, stride, w, y, o[6], o[7], o[8], hdim, idim, g, bits, topk,
                         indirect, dn.split_k, wdt, BN=dn.block_n, GPB=dn.groups_per_block,
-                        WORDS=_words(dn, g), num_warps=dn.num_warps, num_stages=dn.num_stages)
+                        WORDS=_words(dn, g), META8=lay.meta8, num_warps=dn.num_warps, num_stages=dn.num_stages)
     return _finish(x, y, out, split)
 
 
@@ -429,15 +438,16 @@ def packed_linear(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, zero:
 
 def dequantize(w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int], bits: int,
                group_size: int, packing: str, dtype: torch.dtype, out: torch.Tensor | None = None,
-               rows: tuple[int, int] | None = None) -> torch.Tensor:
+               rows: tuple[int, int] | None = None, meta8: bool = False) -> torch.Tensor:
     """The [N, K] weight of one hqq-packed matrix (or its rows n0 ≤ n < n1: ``rows``), dequantized on the GPU by
-    one Triton launch (any packing; equals hqq's Quantizer.dequantize up to the final rounding)."""
+    one Triton launch (any packing; equals hqq's Quantizer.dequantize up to the final rounding). ``meta8``:
+    scale and zero start at their tables (``format.encode_meta8``), and the codes follow in memory."""
     (first, total), n_out = row_span(shape, rows)
     w = out if out is not None else torch.empty((n_out, shape[1]), device=w_q.device, dtype=dtype)
     step = w_q.shape[0] if w_q.dim() == 2 else w_q.numel() // group_size
     block = 1024
     _dequant_kernel[(triton.cdiv(total - first, block),)](w_q, scale, zero, w, first, total, step, group_size, bits,
-                                                          _WORD_TOP[packing], BLOCK=block)
+                                                          _WORD_TOP[packing], BLOCK=block, META8=meta8)
     return w
 
 

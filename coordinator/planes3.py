@@ -28,15 +28,16 @@ if gk.HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from coordinator.gemv_steps import emit, rowsum, x_tile, xw_tile
+    from coordinator.gemv_steps import emit, group_meta, rowsum, x_tile, xw_tile
 
     @triton.jit
-    def _eighth(lo, hi, s_ptr, z_ptr, gi0, gmask, x3, acc, V: tl.constexpr, NVG: tl.constexpr):
+    def _eighth(lo, hi, s_ptr, z_ptr, gi0, gmask, x3, acc, V: tl.constexpr, NVG: tl.constexpr,
+                META8: tl.constexpr):
         """acc[BN, GPB, GROUP] += dequant(output row n + V·NV) · x, from the bytes lo (of row n + (V mod 2)·NV)
         and hi (of row n); shifts are constants, as in ``gpu_kernels._quarter``."""
         gi = gi0 + V * NVG
-        s = tl.load(s_ptr + gi, mask=gmask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + gi, mask=gmask, other=0).to(tl.float32)
+        s = group_meta(s_ptr, gi, gmask, META8)
+        z = group_meta(z_ptr, gi, gmask, META8)
         SH_LO: tl.constexpr = 6 - 2 * (V // 2)
         SH_HI: tl.constexpr = 7 - V
         q = ((lo >> SH_LO) & 3) | (((hi >> SH_HI) & 1) << 2)
@@ -46,7 +47,7 @@ if gk.HAVE_TRITON:
 
     @triton.jit
     def _step(lo_ptr, hi_ptr, s_ptr, z_ptr, x3, rows, row_mask, kb, a0, a1, a2, a3, a4, a5, a6, a7,
-              NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr):
+              NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, META8: tl.constexpr):
         """One K step (GPB groups) of W·x for the 8 output rows n + v·NV of each of the BN rows n (a0..a7)."""
         G: tl.constexpr = K // GROUP
         g = kb * GPB + tl.arange(0, GPB)
@@ -57,14 +58,14 @@ if gk.HAVE_TRITON:
         hi = tl.load(hi_ptr + off, mask=m3, other=0).to(tl.int32)               # rows n + v·NV
         gi0 = rows[:, None] * G + g[None, :]                                     # [BN, GPB]
         gm = row_mask[:, None]
-        a0 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a0, 0, NV * G)
-        a1 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a1, 1, NV * G)
-        a2 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a2, 2, NV * G)
-        a3 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a3, 3, NV * G)
-        a4 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a4, 4, NV * G)
-        a5 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a5, 5, NV * G)
-        a6 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a6, 6, NV * G)
-        a7 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a7, 7, NV * G)
+        a0 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a0, 0, NV * G, META8)
+        a1 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a1, 1, NV * G, META8)
+        a2 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a2, 2, NV * G, META8)
+        a3 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a3, 3, NV * G, META8)
+        a4 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a4, 4, NV * G, META8)
+        a5 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a5, 5, NV * G, META8)
+        a6 = _eighth(even, hi, s_ptr, z_ptr, gi0, gm, x3, a6, 6, NV * G, META8)
+        a7 = _eighth(odd, hi, s_ptr, z_ptr, gi0, gm, x3, a7, 7, NV * G, META8)
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
@@ -76,12 +77,12 @@ if gk.HAVE_TRITON:
 
     @triton.jit
     def _weighth(lo0, lo16, h0, h16, s_ptr, z_ptr, gi0, gmask, xs0, xs1, xs2, xs3, acc,
-                 V: tl.constexpr, NVG: tl.constexpr):
+                 V: tl.constexpr, NVG: tl.constexpr, META8: tl.constexpr):
         """``_eighth`` from int32 words: lo0/lo16 hold lo's bytes 0-1/2-3, h0/h16 hi's, shifted left by
         1 + V mod 2 so that hi's bit 7 − V lands just above lo's field; byte b multiplies xs_b."""
         gi = gi0 + V * NVG
-        s = tl.load(s_ptr + gi, mask=gmask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + gi, mask=gmask, other=0).to(tl.float32)
+        s = group_meta(s_ptr, gi, gmask, META8)
+        z = group_meta(z_ptr, gi, gmask, META8)
         E: tl.constexpr = 6 - 2 * (V // 2)
         s_lo = (s * (1.0 / (1 << E)))[:, :, None]
         s_hi = s_lo * (1.0 / 256.0)
@@ -94,7 +95,7 @@ if gk.HAVE_TRITON:
     @triton.jit
     def _wstep(lo_ptr, hi_ptr, s_ptr, z_ptr, xs0, xs1, xs2, xs3, rows, row_mask, kb,
                a0, a1, a2, a3, a4, a5, a6, a7, NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
-               GPB: tl.constexpr):
+               GPB: tl.constexpr, META8: tl.constexpr):
         """``_step`` on int32 words (GemvConfig.words): K/4 words per row, word j of group g = bytes 4j..4j+3."""
         G: tl.constexpr = K // GROUP
         GW: tl.constexpr = GROUP // 4
@@ -109,29 +110,30 @@ if gk.HAVE_TRITON:
         he, he16, ho, ho16 = hi << 1, hi16 << 1, hi << 2, hi16 << 2
         gi0 = rows[:, None] * G + g[None, :]
         gm = row_mask[:, None]
-        a0 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a0, 0, NV * G)
-        a1 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a1, 1, NV * G)
-        a2 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a2, 2, NV * G)
-        a3 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a3, 3, NV * G)
-        a4 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a4, 4, NV * G)
-        a5 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a5, 5, NV * G)
-        a6 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a6, 6, NV * G)
-        a7 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a7, 7, NV * G)
+        a0 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a0, 0, NV * G, META8)
+        a1 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a1, 1, NV * G, META8)
+        a2 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a2, 2, NV * G, META8)
+        a3 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a3, 3, NV * G, META8)
+        a4 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a4, 4, NV * G, META8)
+        a5 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a5, 5, NV * G, META8)
+        a6 = _weighth(even, even16, he, he16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a6, 6, NV * G, META8)
+        a7 = _weighth(odd, odd16, ho, ho16, s_ptr, z_ptr, gi0, gm, xs0, xs1, xs2, xs3, a7, 7, NV * G, META8)
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
     def _kstep(lo_ptr, hi_ptr, s_ptr, z_ptr, x_ptr, rows, row_mask, kb, a0, a1, a2, a3, a4, a5, a6, a7,
-               NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
+               NV: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr,
+               META8: tl.constexpr):
         """One K step of W·x[x_ptr] for one matrix, by words or by bytes."""
         if WORDS:
             a0, a1, a2, a3, a4, a5, a6, a7 = _wstep(
                 lo_ptr, hi_ptr, s_ptr, z_ptr, xw_tile(x_ptr, kb, 0, GROUP, GPB), xw_tile(x_ptr, kb, 1, GROUP, GPB),
                 xw_tile(x_ptr, kb, 2, GROUP, GPB), xw_tile(x_ptr, kb, 3, GROUP, GPB), rows, row_mask, kb,
-                a0, a1, a2, a3, a4, a5, a6, a7, NV, K, GROUP, GPB)
+                a0, a1, a2, a3, a4, a5, a6, a7, NV, K, GROUP, GPB, META8)
         else:
             a0, a1, a2, a3, a4, a5, a6, a7 = _step(lo_ptr, hi_ptr, s_ptr, z_ptr, x_tile(x_ptr, kb, GROUP, GPB),
                                                    rows, row_mask, kb, a0, a1, a2, a3, a4, a5, a6, a7,
-                                                   NV, K, GROUP, GPB)
+                                                   NV, K, GROUP, GPB, META8)
         return a0, a1, a2, a3, a4, a5, a6, a7
 
     @triton.jit
@@ -145,7 +147,7 @@ if gk.HAVE_TRITON:
                         OQ3: tl.constexpr, OH3: tl.constexpr, OS3: tl.constexpr, OZ3: tl.constexpr,
                         H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr,
                         INDIRECT: tl.constexpr, ZERO_OUT: tl.constexpr, WDT: tl.constexpr,
-                        BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
+                        BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr, META8: tl.constexpr):
         """h[p, :] = silu(w1 x) * (w3 x) for pair p = program_id(1) (token p // TOPK, slot slots[p])."""
         NV: tl.constexpr = I // 8
         pid_n = tl.program_id(0)
@@ -166,9 +168,11 @@ if gk.HAVE_TRITON:
         u0, u1, u2, u3, u4, u5, u6, u7 = z, z, z, z, z, z, z, z
         for kb in range(0, H // (GPB * GROUP)):
             g0, g1, g2, g3, g4, g5, g6, g7 = _kstep(base + OQ1, base + OH1, s1, z1, x_row, rows, row_mask, kb,
-                                                    g0, g1, g2, g3, g4, g5, g6, g7, NV, H, GROUP, GPB, WORDS)
+                                                    g0, g1, g2, g3, g4, g5, g6, g7, NV, H, GROUP, GPB, WORDS,
+                                                    META8)
             u0, u1, u2, u3, u4, u5, u6, u7 = _kstep(base + OQ3, base + OH3, s3, z3, x_row, rows, row_mask, kb,
-                                                    u0, u1, u2, u3, u4, u5, u6, u7, NV, H, GROUP, GPB, WORDS)
+                                                    u0, u1, u2, u3, u4, u5, u6, u7, NV, H, GROUP, GPB, WORDS,
+                                                    META8)
         out = h_ptr + pair * I + rows
         _silu_mul_store(out, g0, u0, row_mask)
         _silu_mul_store(out + NV, g1, u1, row_mask)
@@ -184,7 +188,7 @@ if gk.HAVE_TRITON:
                      OQ: tl.constexpr, OH: tl.constexpr, OS: tl.constexpr, OZ: tl.constexpr,
                      H: tl.constexpr, I: tl.constexpr, GROUP: tl.constexpr, TOPK: tl.constexpr,
                      INDIRECT: tl.constexpr, SPLIT_K: tl.constexpr, WDT: tl.constexpr,
-                     BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr):
+                     BN: tl.constexpr, GPB: tl.constexpr, WORDS: tl.constexpr, META8: tl.constexpr):
         """y[m] (+)= Σ_t weight[m, t] · w2_slot(m,t) · h[m·TOPK + t]; program (rows, K split, token m)."""
         NV: tl.constexpr = H // 8
         NKB: tl.constexpr = I // (GPB * GROUP)
@@ -207,7 +211,8 @@ if gk.HAVE_TRITON:
             a0, a1, a2, a3, a4, a5, a6, a7 = za, za, za, za, za, za, za, za
             for kb in range(pid_k, NKB, SPLIT_K):
                 a0, a1, a2, a3, a4, a5, a6, a7 = _kstep(base + OQ, base + OH, s, z, h_ptr + pair * I, rows, row_mask,
-                                                        kb, a0, a1, a2, a3, a4, a5, a6, a7, NV, I, GROUP, GPB, WORDS)
+                                                        kb, a0, a1, a2, a3, a4, a5, a6, a7, NV, I, GROUP, GPB, WORDS,
+                                                        META8)
             o0 += wt * rowsum(a0)
             o1 += wt * rowsum(a1)
             o2 += wt * rowsum(a2)
@@ -228,7 +233,7 @@ if gk.HAVE_TRITON:
 
     @triton.jit
     def _dequant_kernel(lo_ptr, hi_ptr, s_ptr, z_ptr, w_ptr, first, total, step,
-                        GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                        GROUP: tl.constexpr, BLOCK: tl.constexpr, META8: tl.constexpr):
         """w[e − first] = (q(e) − zero[r]) · scale[r] for the elements first ≤ e < total of [N, K]; step = hi's
         rows (R'/8)."""
         e = first + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: the caller checks N·K < 2**31
@@ -238,8 +243,8 @@ if gk.HAVE_TRITON:
         lo = tl.load(lo_ptr + (r % (2 * step)) * GROUP + j, mask=mask, other=0).to(tl.int32)
         hi = tl.load(hi_ptr + (r % step) * GROUP + j, mask=mask, other=0).to(tl.int32)
         q = ((lo >> (6 - 2 * (r // (2 * step)))) & 3) | (((hi >> (7 - r // step)) & 1) << 2)
-        s = tl.load(s_ptr + r, mask=mask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + r, mask=mask, other=0).to(tl.float32)
+        s = group_meta(s_ptr, r, mask, META8)
+        z = group_meta(z_ptr, r, mask, META8)
         tl.store(w_ptr + (e - first), ((q.to(tl.float32) - z) * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -253,20 +258,23 @@ def launch(x: torch.Tensor, base: torch.Tensor, stride: int, slots: torch.Tensor
     grid1 = (triton.cdiv(idim // 8, gu.block_n), m * topk)
     _gate_up_kernel[grid1](x, base, slots, stride, h, y, m * hdim, o[0], oh[0], o[1], o[2], o[3], oh[1], o[4], o[5],
                            hdim, idim, g, topk, indirect, zero_out, wdt, BN=gu.block_n, GPB=gu.groups_per_block,
-                           WORDS=gk._words(gu, g), num_warps=gu.num_warps, num_stages=gu.num_stages)
+                           WORDS=gk._words(gu, g), META8=lay.meta8, num_warps=gu.num_warps,
+                           num_stages=gu.num_stages)
     grid2 = (triton.cdiv(hdim // 8, dn.block_n), dn.split_k, m)
     _down_kernel[grid2](h, base, slots, stride, w, y, o[6], oh[2], o[7], o[8], hdim, idim, g, topk, indirect,
                         dn.split_k, wdt, BN=dn.block_n, GPB=dn.groups_per_block, WORDS=gk._words(dn, g),
-                        num_warps=dn.num_warps, num_stages=dn.num_stages)
+                        META8=lay.meta8, num_warps=dn.num_warps, num_stages=dn.num_stages)
 
 
 def dequantize(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                shape: tuple[int, int], group_size: int, out: torch.Tensor,
-               rows: tuple[int, int] | None = None) -> torch.Tensor:
+               rows: tuple[int, int] | None = None, meta8: bool = False) -> torch.Tensor:
     """The [N, K] weight of one PLANES3 matrix (or its rows n0 ≤ n < n1: ``rows``) into ``out`` by one Triton
-    launch (equals ``format.dequantize_views`` up to the final rounding)."""
+    launch (equals ``format.dequantize_views`` up to the final rounding); ``meta8`` as in
+    ``gpu_kernels.dequantize``."""
     (first, total), _ = gk.row_span(shape, rows)
     block = 1024
     _dequant_kernel[(triton.cdiv(total - first, block),)](lo, hi, scale, zero, out, first, total,
-                                                          hi.numel() // group_size, group_size, BLOCK=block)
+                                                          hi.numel() // group_size, group_size, BLOCK=block,
+                                                          META8=meta8)
     return out

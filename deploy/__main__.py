@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="interface the coordinator binds [127.0.0.1]")
     up.add_argument("--expert-bits", type=int, default=2, choices=EXPERT_BITS, help="hqq bits of experts [2]")
     up.add_argument("--group-size", type=int, default=64, help="hqq group size of experts [64]")
+    up.add_argument("--meta-bits", type=int, default=16, choices=(16, 8),
+                    help="bits of each expert group's scale and zero; 8: codes into a table per matrix [16]")
     up.add_argument("--attn-bits", type=int, default=4, choices=ATTN_BITS, help="hqq bits of attention [4]")
     up.add_argument("--lm-head-bits", type=int, default=16, choices=ATTN_BITS,
                     help="hqq bits of the coordinator's lm_head (an untied one) [16]")
@@ -118,6 +120,7 @@ def _absolute(path: str | None) -> str | None:
 def _spec(args: argparse.Namespace) -> DeploySpec:
     return DeploySpec(model=args.model, workers=args.workers, replicas=args.replicas, port=args.port,
                       host=args.host, expert_bits=args.expert_bits, group_size=args.group_size,
+                      meta_bits=args.meta_bits,
                       attn_bits=args.attn_bits, lm_head_bits=args.lm_head_bits, device=args.device,
                       experts_per_layer=args.experts_per_layer,
                       gpu_memory_gb=args.gpu_memory_gb, prefetch=args.prefetch, prefetch_ahead=args.prefetch_ahead,

@@ -70,7 +70,7 @@ def _start_workers(spec: DeploySpec, generation: int, report: Report) -> tuple[l
                 resources={EXPERT_HOST_RESOURCE: spec.expert_host}, num_cpus=0, max_concurrency=8,
                 scheduling_strategy="SPREAD",
             ).remote(spec.model, f"{shard}/{spec.workers}", spec.expert_bits, spec.group_size, replica, None,
-                     "shm", server))
+                     "shm", server, spec.meta_bits))
             names.append(name)
         _wait_ready(handles, spec.ready_timeout_s, report)
         return names, ray.get([h.address.remote() for h in handles])

@@ -41,6 +41,8 @@ class DeploySpec:
     """hqq bits of the experts; 16 = unquantized (exact mode with ``attn_bits`` 16)."""
     group_size: int = 64
     """hqq group size of the experts."""
+    meta_bits: int = 16
+    """Bits of each expert group's scale and zero: 16, or 8 (table codes, ``QuantSpec.meta_bits``)."""
     attn_bits: int = 4
     """hqq bits of the coordinator's attention projections; 16 = as in the checkpoint."""
     lm_head_bits: int = 16
@@ -97,6 +99,8 @@ class DeploySpec:
             raise ValueError(f"workers and replicas must be >= 1, got {self.workers} x {self.replicas}")
         if self.expert_bits not in EXPERT_BITS:
             raise ValueError(f"expert bits must be one of {EXPERT_BITS}, got {self.expert_bits}")
+        if self.meta_bits not in (16, 8):
+            raise ValueError(f"meta bits must be 16 or 8, got {self.meta_bits}")
         if self.attn_bits not in ATTN_BITS or self.lm_head_bits not in ATTN_BITS:
             raise ValueError(f"attention and lm_head bits must be one of {ATTN_BITS}, got {self.attn_bits} and "
                              f"{self.lm_head_bits}")

@@ -1,7 +1,8 @@
 """``python -m expert_workers serve``: one expert worker as a plain process (no Ray).
 
     python -m expert_workers serve --model M --shard I/N --port P [--host 127.0.0.1]
-                                   [--expert-bits {2,3,4,8,16}] [--group-size G] [--replica R] [--cache-dir D]
+                                   [--expert-bits {2,3,4,8,16}] [--group-size G] [--meta-bits {16,8}]
+                                   [--replica R] [--cache-dir D]
                                    [--auth-token-file F] [--tls-cert PEM --tls-key PEM]
 
 Binds at once (health NOT_SERVING, expert RPCs UNAVAILABLE), quantizes or reloads its shard, then prints exactly
@@ -19,7 +20,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from expert_workers.format import ALL_BITS, QuantSpec
+from expert_workers.format import ALL_BITS, META_BITS, QuantSpec
 
 log = logging.getLogger("expert_workers")
 
@@ -40,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--expert-bits", type=int, default=2, choices=ALL_BITS,
                    help="hqq bits; 16 keeps the checkpoint's weights unquantized [2]")
     s.add_argument("--group-size", type=int, default=64, help="hqq group size [64]")
+    s.add_argument("--meta-bits", type=int, default=16, choices=META_BITS,
+                   help="bits of each group's scale and zero: 16 as hqq keeps them, or 8, codes into a table per "
+                        "matrix (2-bit g64 experts 10%% smaller) [16]")
     s.add_argument("--replica", type=int, default=0, help="which copy of the shard this is [0]")
     s.add_argument("--cache-dir", default=None,
                    help="quantized-expert cache directory [$MOE_CACHE_DIR/experts]")
@@ -66,7 +70,7 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, max_workers=args.threads, fault=fault,
                           auth_token=load_token(args.auth_token_file), tls_cert=args.tls_cert, tls_key=args.tls_key)
     config.security.validate()  # refuse a bad bind before reading the model or binding anything
-    spec = QuantSpec(bits=args.expert_bits, group_size=args.group_size)
+    spec = QuantSpec(bits=args.expert_bits, group_size=args.group_size, meta_bits=args.meta_bits)
     store = ExpertStore(args.model, args.shard, spec, replica=args.replica, cache_dir=args.cache_dir,
                         progress=not args.no_progress)
     server = WorkerServer(store, config)

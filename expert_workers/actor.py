@@ -43,12 +43,14 @@ class ExpertWorkerActor:
     """One expert worker inside a Ray actor: an ExpertStore (loaded in a background thread) plus its gRPC server."""
 
     def __init__(self, model: str, shard: str = "0/1", bits: int = 2, group_size: int = 64, replica: int = 0,
-                 cache_dir: str | None = None, storage: str = "ray", server: ServerConfig | None = None) -> None:
+                 cache_dir: str | None = None, storage: str = "ray", server: ServerConfig | None = None,
+                 meta_bits: int = 16) -> None:
         """Binds the gRPC server at once (NOT_SERVING) and starts loading.
 
         model: checkpoint directory (as seen from the node) or an embedded model name.
         shard: ``"I/N"``; the actor owns experts with ``(layer * num_experts + expert) % N == I``.
         bits, group_size: hqq settings (bits 16 = unquantized). replica: which copy of the shard (reported only).
+        meta_bits: 16, or 8 for scales and zeros as table codes (``QuantSpec.meta_bits``).
         cache_dir: quantized-expert cache directory on the node (default ``$MOE_CACHE_DIR/experts``).
         storage: ``"ray"`` (object store, ``object_refs()``) or ``"shm"`` (POSIX shm: zero-copy for plain
             RemoteSource readers on the node, no Ray needed on their side).
@@ -60,7 +62,8 @@ class ExpertWorkerActor:
         server = server or ServerConfig()
         if server.host == NODE_IP:
             server = dataclasses.replace(server, host=ray.util.get_node_ip_address())
-        self._store = ExpertStore(model, shard, QuantSpec(bits=bits, group_size=group_size), replica=replica,
+        spec = QuantSpec(bits=bits, group_size=group_size, meta_bits=meta_bits)
+        self._store = ExpertStore(model, shard, spec, replica=replica,
                                   cache_dir=cache_dir, storage=storage, progress=False)
         self._server = WorkerServer(self._store, server)
         self._server.start()
@@ -137,7 +140,7 @@ def start_expert_worker(model: str, shard: str = "0/1", *, bits: int = 2, group_
                         cache_dir: str | None = None, storage: str = "ray", server: ServerConfig | None = None,
                         name: str | None = None, namespace: str | None = None, detached: bool = False,
                         max_restarts: int = -1, max_task_retries: int = 3, expert_host: float = 1.0,
-                        num_cpus: float = 0.0, max_concurrency: int = 8) -> Any:
+                        num_cpus: float = 0.0, max_concurrency: int = 8, meta_bits: int = 16) -> Any:
     """Creates an ExpertWorkerActor placed on a node offering ``expert_host`` and returns its handle.
 
     max_restarts: -1 restarts the worker whenever its process dies (it reloads from the disk cache).
@@ -160,4 +163,4 @@ def start_expert_worker(model: str, shard: str = "0/1", *, bits: int = 2, group_
     if detached:
         options["lifetime"] = "detached"
     return ExpertWorker.options(**options).remote(model, shard, bits, group_size, replica, cache_dir, storage,
-                                                  server)
+                                                  server, meta_bits)

@@ -118,12 +118,12 @@ class RemoteSource:
         first = self._workers[0].info
         for w in self._workers[1:]:
             i = w.info
-            if (i.model_fingerprint, i.spec.bits, i.spec.group_size, i.num_layers, i.num_experts) != \
-                    (first.model_fingerprint, first.spec.bits, first.spec.group_size, first.num_layers, first.num_experts):
+            if (i.model_fingerprint, i.spec, i.num_layers, i.num_experts) != \
+                    (first.model_fingerprint, first.spec, first.num_layers, first.num_experts):
                 raise ValueError(
                     f"expert workers disagree: {self._workers[0].address} serves model {first.model_fingerprint[:8]} "
-                    f"at {first.spec.bits} bits g{first.spec.group_size} ({first.num_layers}x{first.num_experts}), "
-                    f"{w.address} serves {i.model_fingerprint[:8]} at {i.spec.bits} bits g{i.spec.group_size} "
+                    f"at {first.spec.label} ({first.num_layers}x{first.num_experts}), "
+                    f"{w.address} serves {i.model_fingerprint[:8]} at {i.spec.label} "
                     f"({i.num_layers}x{i.num_experts})")
         replicas: dict[ExpertKey, list[Replica]] = {}
         for w in self._workers:

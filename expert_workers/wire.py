@@ -51,7 +51,7 @@ def info_to_pb(info: StoreInfo) -> Any:
         shard_index=info.shard.index, num_shards=info.shard.count, replica=info.replica, bits=info.spec.bits,
         group_size=info.spec.group_size, num_layers=info.layout.num_layers, num_experts=info.layout.num_experts,
         experts=[key_to_pb(k) for k in info.experts], ready=info.ready, bytes_held=info.bytes_held,
-        storage=info.storage)
+        storage=info.storage, meta_bits=info.spec.meta_bits)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ def info_from_pb(msg: Any) -> RemoteInfo:
     return RemoteInfo(
         worker_id=msg.worker_id, host_id=msg.host_id, pid=msg.pid, model_fingerprint=msg.model_fingerprint,
         shard_index=msg.shard_index, num_shards=msg.num_shards, replica=msg.replica,
-        spec=QuantSpec(bits=msg.bits, group_size=msg.group_size if msg.bits != 16 else 64),
+        spec=QuantSpec(bits=msg.bits, group_size=msg.group_size if msg.bits != 16 else 64,
+                       meta_bits=msg.meta_bits or 16),
         num_layers=msg.num_layers, num_experts=msg.num_experts,
         experts=tuple(ExpertKey(k.layer, k.expert) for k in msg.experts), ready=msg.ready,
         bytes_held=msg.bytes_held, storage=msg.storage)

@@ -91,6 +91,6 @@ def test_coordinator_args_carry_the_decode_settings() -> None:
 
     assert DEPLOY_ATTN_BITS == ATTN_BITS
     for bad in ({"prefetch": -1}, {"prefetch_ahead": 3}, {"decode": "fast"}, {"repartition_every": -1},
-                {"eviction": "fifo"}, {"lm_head_bits": 3}):
-        with pytest.raises(ValueError, match="prefetch|decode|repartition|eviction|lm_head"):
+                {"eviction": "fifo"}, {"lm_head_bits": 3}, {"meta_bits": 4}):
+        with pytest.raises(ValueError, match="prefetch|decode|repartition|eviction|lm_head|meta bits"):
             DeploySpec(model="tiny-random", **bad)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ import torch
 from coordinator import Coordinator, CoordinatorConfig, GenerateParams
 from coordinator.engine import load_tokenizer
 from coordinator.reference import greedy, reference_model
-from expert_workers.format import EXACT, INT2, ExpertKey, QuantSpec
+from expert_workers.format import EXACT, INT2, INT3_M8, ExpertKey, QuantSpec
 from expert_workers.source import ExpertSource, make_source
 from expert_workers.store import ExpertStore
 from modelzoo.tiny import TinySpec, build_tiny_random
@@ -273,6 +273,22 @@ def test_quantized_matches_dequantized_reference(tiny_ckpt: Path, tmp_path: Path
             ref = reference if bits == 4 else reference_model(tiny_ckpt, source, attn_bits=8)
             cfg = CoordinatorConfig(attn_bits=bits, experts_per_layer=3, prefetch=2, decode=decode)
             assert_matches(tiny_ckpt, source, ref, TINY_PROMPTS, cfg)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_meta8_experts_match_their_dequantized_reference(tiny_ckpt: Path, tmp_path: Path) -> None:
+    """3-bit experts whose scales and zeros are 8-bit table codes (``meta_bits`` 8): both decode paths give
+    transformers' tokens on the weights the tables give (the CPU path decodes them; the GPU kernels read them,
+    tests/test_gpu_kernels.py)."""
+    stores = open_stores(tiny_ckpt, INT3_M8, 2, tmp_path / "experts")
+    try:
+        source = make_source(stores=stores)
+        reference = reference_model(tiny_ckpt, source, attn_bits=4)
+        for decode in ("transformers", "static"):
+            cfg = CoordinatorConfig(attn_bits=4, experts_per_layer=2, prefetch=2, decode=decode)
+            assert_matches(tiny_ckpt, source, reference, TINY_PROMPTS, cfg)
     finally:
         for s in stores:
             s.close()

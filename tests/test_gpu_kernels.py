@@ -41,15 +41,16 @@ _CHECK = textwrap.dedent("""
         assert blocks(I, H)[-1] == (192, I) and blocks(H, I)[-1] == (96, H), blocks(H, I)
     torch.manual_seed(0)
     worst = 0.0
-    for bits in ((2, 3) if quick else (2, 3, 4)):
+    for bits, meta in ((2, 16), (3, 16), (2, 8), (3, 8)) + (() if quick else ((4, 16), (4, 8))):
         experts = []
         for e in range(3):
             w = {"w1": torch.randn(I, H) / H ** 0.5, "w3": torch.randn(I, H) / H ** 0.5,
                  "w2": torch.randn(H, I) / I ** 0.5}
-            buf, man = pack_expert(ExpertKey(0, e), {k: v.to(dev) for k, v in w.items()}, QuantSpec(bits, 64))
+            spec = QuantSpec(bits, 64, meta_bits=meta)
+            buf, man = pack_expert(ExpertKey(0, e), {k: v.to(dev) for k, v in w.items()}, spec)
             experts.append((torch.from_numpy(buf).to(dev), man))
         lay = gk.layout_of(experts[0][1])
-        assert lay.fused and (lay.packing == "3bit_planes_u8") == (bits == 3)
+        assert lay.fused and (lay.packing == "3bit_planes_u8") == (bits == 3) and lay.meta8 == (meta == 8)
         slab = torch.stack([b for b, _ in experts])
         for dt in dtypes:
             dt = getattr(torch, dt)
@@ -125,8 +126,9 @@ def test_row_spans_of_the_prefill_dequantize() -> None:
 
 
 def test_kernels_match_hqq_in_triton_interpreter() -> None:
-    """Same kernels, CPU interpreter: 2/3/4-bit fused GEMV (direct, slot-indirect, split-K), the prefill path's
-    dequantize by ragged row blocks + matmul."""
+    """Same kernels, CPU interpreter: 2/3-bit fused GEMV (direct, slot-indirect, split-K), the prefill path's
+    dequantize by ragged row blocks + matmul, with fp16 scales/zeros and with 8-bit tables (``meta_bits`` 8)
+    against hqq's dequantize of the decoded tables."""
     pytest.importorskip("triton")
     out = _run_check("cpu", 128, 256, "float32", interpret=True)
     assert "WORST" in out

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from expert_workers.fetch import RemoteSource
-from expert_workers.format import ExpertKey
+from expert_workers.format import INT2_M8, ExpertKey
 
 ray = pytest.importorskip("ray")
 
@@ -77,14 +77,16 @@ def test_actors_serve_from_the_object_store_and_restart(local_ray: None, tiny_ck
 def test_actor_with_shm_storage_is_read_zero_copy_without_ray(local_ray: None, tiny_ckpt: Path) -> None:
     from expert_workers.actor import start_expert_worker
 
-    actor = start_expert_worker(str(tiny_ckpt), "0/1", bits=16, storage="shm", max_restarts=0)
+    actor = start_expert_worker(str(tiny_ckpt), "0/1", bits=2, meta_bits=8, storage="shm", max_restarts=0)
     assert ray.get(actor.ready.remote(), timeout=240)
+    assert ray.get(actor.info.remote()).spec == INT2_M8     # 8-bit scale/zero tables, quantized in the actor
     address = ray.get(actor.address.remote())
     handle = ray.get(actor.handle.remote(ExpertKey(3, 7)))
     assert handle.shm_name and Path("/dev/shm", handle.shm_name).exists()
     with RemoteSource([address]) as source:
         view = source.host_view(ExpertKey(3, 7))
         assert view is not None and view.numel() == handle.length
+        assert source.manifest(ExpertKey(3, 7)).matrices["w1"].meta_bits == 8
         assert source.stats()["zero_copy_reads"] == 1
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.shutdown.remote(), timeout=60)  # exits the actor for good

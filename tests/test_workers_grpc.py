@@ -295,11 +295,26 @@ def test_mismatched_workers_and_bad_cli_arguments(tiny_ckpt: Path, tiny_workers:
     with cf.ThreadPoolExecutor(len(cases)) as pool:
         refused = pool.map(_serve_cli, [["--model", str(tiny_ckpt), "--port", "0", *bad] for bad, _ in cases])
         exact = spawn_workers(tiny_ckpt, 1, ["--expert-bits", "16", "--no-progress"])
+        meta8 = spawn_workers(tiny_ckpt, 1, ["--meta-bits", "8", "--no-progress"])
         try:
             with pytest.raises(ValueError, match="expert workers disagree.*at 2 bits g64.*at 16 bits"):
                 RemoteSource([tiny_workers[0].address, exact[0].address])
+            with pytest.raises(ValueError, match=r"disagree.*at 2 bits g64 \(.*at 2 bits g64 \(8-bit meta\)"):
+                RemoteSource([tiny_workers[0].address, meta8[0].address])
+            with RemoteSource([meta8[0].address]) as source:   # the 8-bit tables travel and decode
+                key = ExpertKey(1, 3)
+                out = torch.empty(source.manifest(key).nbytes, dtype=torch.uint8)
+                manifest = source.fetch_into(key, out)
+                assert manifest.version == 2 and manifest.matrices["w2"].meta_bits == 8
+                with RemoteSource([w.address for w in tiny_workers]) as fp16:
+                    ref = torch.empty(fp16.manifest(key).nbytes, dtype=torch.uint8)
+                    fp16_manifest = fp16.fetch_into(key, ref)
+                    for m in ("w1", "w3", "w2"):   # within the tables' half step of the fp16-meta weights
+                        a = dequantize_matrix(out, manifest, m).float()
+                        b = dequantize_matrix(ref, fp16_manifest, m).float()
+                        assert 0 < float((a - b).norm() / b.norm()) < 0.02, m
         finally:
-            stop_all(exact)
+            stop_all(exact + meta8)
         with pytest.raises(ExpertUnavailable, match="did not answer GetInfo"):
             RemoteSource(["127.0.0.1:1"], connect_timeout_s=0.5)
         for (_, message), r in zip(cases, refused):

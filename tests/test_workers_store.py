@@ -16,19 +16,25 @@ from safetensors.torch import load_file, save_file
 
 from expert_workers.cache import CacheIndex
 from expert_workers.checkpoint import Checkpoint, CheckpointError
-from expert_workers.format import EXACT, INT2, INT3, INT4, ExpertKey, QuantSpec, checksum, dequantize_matrix
+from expert_workers.format import (EXACT, INT2, INT2_M8, INT3, INT3_M8, INT4, ExpertKey, ExpertManifest, QuantSpec,
+                                   checksum, decode_meta8, dequantize_matrix, encode_meta8, pack_expert)
 from expert_workers.inprocess import InProcessSource
 from expert_workers.source import ExpertNotFound, make_source
 from expert_workers.store import ExpertStore, ShardSpec, WorkerNotReady
 
 
 def hqq_reference(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """hqq's own quantize -> dequantize of one matrix, scale/zero stored as fp16 like format.py does."""
+    """hqq's own quantize -> dequantize of one matrix, scale/zero stored as fp16 like format.py does (at 8 meta
+    bits, as the fp16 table entries their codes pick)."""
     from hqq.core.quantize import Quantizer
 
     w_q, meta = Quantizer.quantize(weight, nbits=spec.bits, group_size=spec.group_size, axis=1, optimize=True,
                                    device="cpu")
-    return Quantizer.dequantize(w_q, meta | {"scale": meta["scale"].half(), "zero": meta["zero"].half()})
+    scale, zero = meta["scale"].half(), meta["zero"].half()
+    if spec.meta8:
+        scale = decode_meta8(encode_meta8(scale, torch.float16, log=True), torch.float16)
+        zero = decode_meta8(encode_meta8(zero, torch.float16, log=False), torch.float16)
+    return Quantizer.dequantize(w_q, meta | {"scale": scale, "zero": zero})
 
 
 def write_fused(src: Path, dst: Path, files: int = 5) -> Path:
@@ -108,7 +114,7 @@ def test_shards_cover_every_expert_exactly_once(tiny_ckpt: Path) -> None:
             ShardSpec.parse(text)
 
 
-@pytest.mark.parametrize("spec", [INT2, INT3, INT4], ids=["int2", "int3", "int4"])
+@pytest.mark.parametrize("spec", [INT2, INT3, INT4, INT2_M8, INT3_M8], ids=["int2", "int3", "int4", "int2m8", "int3m8"])
 def test_quantized_experts_dequantize_bit_identically_to_hqq(tiny_ckpt: Path, tmp_path: Path, spec: QuantSpec) -> None:
     ckpt = Checkpoint(tiny_ckpt)
     stores = [ExpertStore(ckpt, f"{i}/3", spec, cache_dir=tmp_path, progress=False).load() for i in range(3)]
@@ -127,6 +133,48 @@ def test_quantized_experts_dequantize_bit_identically_to_hqq(tiny_ckpt: Path, tm
     finally:
         for s in stores:
             s.close()
+
+
+def test_meta8_tables_bound_the_error_and_shrink_the_expert() -> None:
+    """8-bit scale/zero tables: every value within half a table step (relative, in the log domain, for scales)
+    even with outlier groups; the tensors are table + one byte a group; a 2-bit g64 expert shrinks by 2.5 → 2.25
+    bits a weight (here: the exact bytes of codes, tables and fp16 meta); the manifest says so (version 2) and survives msgpack; an unknown version is refused."""
+    from hqq.core.quantize import Quantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(512, 1024) / 32
+    w[::37, ::11] *= 25                                                        # outlier groups
+    _, meta = Quantizer.quantize(w, nbits=2, group_size=64, axis=1, optimize=False, device="cpu")
+    for values, log in ((meta["scale"].half(), True), (meta["zero"].half(), False)):
+        packed = encode_meta8(values, torch.float16, log)
+        assert packed.dtype == torch.uint8 and packed.numel() == 512 + values.numel()
+        got, ref = decode_meta8(packed, torch.float16).float(), values.float()
+        assert got.shape == ref.shape
+        if log:
+            step = float(ref.max().log() - ref.min().log()) / 255
+            err = (got.log() - ref.log()).abs().max().item()
+        else:
+            step = float(ref.max() - ref.min()) / 255
+            err = (got - ref).abs().max().item()
+        assert 0 < err <= step / 2 + 2 ** -10 * float(ref.abs().max()), (log, err, step)  # + the table's fp16 rounding
+    weights = {"w1": torch.randn(256, 512), "w3": torch.randn(256, 512), "w2": torch.randn(512, 256)}
+    _, m16 = pack_expert(ExpertKey(0, 0), weights, INT2)
+    buf, m8 = pack_expert(ExpertKey(0, 0), weights, INT2_M8)
+    assert (m16.version, m8.version) == (1, 2) and m8.matrices["w1"].meta_bits == 8
+    groups, codes = 256 * 512 // 64, 3 * 256 * 512 // 4                       # per matrix; 2-bit codes of all three
+    assert (m16.nbytes, m8.nbytes) == (codes + 6 * 2 * groups, codes + 6 * (512 + groups))  # Mixtral: 2.5 → 2.25 bits
+    again = ExpertManifest.from_msgpack(m8.to_msgpack())
+    assert again == m8 and torch.equal(dequantize_matrix(torch.from_numpy(buf), again, "w2"),
+                                       dequantize_matrix(torch.from_numpy(buf), m8, "w2"))
+    import msgpack
+
+    newer = msgpack.unpackb(m8.to_msgpack()) | {"version": 3}
+    with pytest.raises(ValueError, match="manifest version 3, this code reads 1 and 2"):
+        ExpertManifest.from_msgpack(msgpack.packb(newer))
+    with pytest.raises(ValueError, match="meta bits must be one of"):
+        QuantSpec(bits=2, meta_bits=4)
+    assert INT2.as_dict() == {"bits": 2, "group_size": 64, "compute_dtype": "float16"}  # fp16 caches keep their key
+    assert INT2_M8.as_dict()["meta_bits"] == 8 and INT2_M8.label == "2 bits g64 (8-bit meta)"
 
 
 def test_bits16_is_the_checkpoint_bit_for_bit_in_both_layouts(tiny_ckpt: Path, fused_ckpt: Path, tmp_path: Path) -> None:
