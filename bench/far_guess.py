@@ -159,12 +159,24 @@ def oracle_guesses(trace: np.ndarray, reach: int) -> np.ndarray:
     return out
 
 
+def _cases(text: str, gbps: float) -> list[tuple[str, int, float, float]]:
+    """(name, slots, compute ms a layer, copy ms an expert) from 'NAME:SLOTS:MS_A:EXPERT_MB;...'."""
+    out = []
+    for item in text.split(";"):
+        name, slots, ms_a, mb = item.rsplit(":", 3)
+        out.append((name, int(slots), float(ms_a) / MIXTRAL_8X7B.layers, float(mb) * 1e6 / (gbps * 1e9) * 1e3))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=144)
     ap.add_argument("--skip", type=int, default=16)
     ap.add_argument("--reach", type=int, default=4)
     ap.add_argument("--trace", default="", help="an .npz of the routing and the guesses: read when it exists")
+    ap.add_argument("--cases", default="",
+                    help="'NAME:SLOTS:MS_A:EXPERT_MB;...' (MS_A: (a)'s ms a token; default: s9b's 8 GB and s9c's 3-bit 12 GB)")
+    ap.add_argument("--gbps", type=float, default=54.0, help="pinned H2D bandwidth for --cases")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.trace and Path(a.trace).is_file():
@@ -174,11 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         trace, ranked = routing_trace(MIXTRAL_8X7B, a.tokens, reach=a.reach)  # type: ignore[misc]
         if a.trace:
             np.savez(a.trace, trace=trace, ranked=ranked)
-    # (slots, compute ms per layer from (a), copy ms per expert at 54 GB/s): s9b's 8 GB, s9c's 3-bit 12 GB
-    cases = (("2-bit 8 GB, 107 slots", 107, 8.31 / 32, 55.05e6 / 54e9 * 1e3),
-             ("3-bit 12 GB, 128 slots", 128, 9.30 / 32, 77.07e6 / 54e9 * 1e3))
+    cases = _cases(a.cases or "2-bit 8 GB, 107 slots:107:8.31:55.05;3-bit 12 GB, 128 slots:128:9.30:77.07", a.gbps)
+    cmd = f" --cases '{a.cases}' --gbps {a.gbps}" if a.cases else ""
     lines = ["# Guesses several layers ahead, replayed (CPU sibling of the GPU model, modelled time)", "",
-             f"`python -m bench.far_guess --tokens {a.tokens} --skip {a.skip} --reach {a.reach}`", "",
+             f"`python -m bench.far_guess --tokens {a.tokens} --skip {a.skip} --reach {a.reach}{cmd}`", "",
              "| case | reach | top | loads/token | wrong guesses/token | modelled ms/token | copy engine busy |",
              "|---|---|---|---|---|---|---|"]
     oracle = oracle_guesses(trace, a.reach)

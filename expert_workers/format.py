@@ -298,7 +298,7 @@ def encode_meta8(values: torch.Tensor, dtype: torch.dtype, log: bool) -> torch.T
     log = log and bool((x > 0).all())
     if log:
         x = x.log()
-    table = torch.linspace(x.min().item(), x.max().item(), LUT_ENTRIES)
+    table = torch.linspace(x.min().item(), x.max().item(), LUT_ENTRIES, device=x.device)  # a GPU quantizes too
     table = (table.exp() if log else table).to(dtype)   # what dequantization reads, rounded once
     t = table.float().log() if log else table.float()
     codes = torch.bucketize(x, (t[1:] + t[:-1]) / 2).to(torch.uint8)

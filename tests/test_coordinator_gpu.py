@@ -270,12 +270,16 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
     assert not any(id(e.transfers) in r.owners for e in (fast, slow) for r in PROCESS_REGISTRY.ranges)
 
 
-def test_three_bit_experts_run_the_graphed_gemv(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """3-bit experts (two planes) go through the fused GEMV and CUDA graphs: the logits of hqq's own
-    dequantize + matmul, fp16 rounding apart, with misses and prefetches on the way."""
-    from expert_workers.format import INT3
+@pytest.mark.parametrize("spec", ["INT3", "INT3_M8", "INT2_M8"])
+def test_three_bit_experts_run_the_graphed_gemv(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                spec: str) -> None:
+    """3-bit experts (two planes), and 3- and 2-bit experts with 8-bit scale/zero tables, go through the fused
+    GEMV and CUDA graphs: the logits of hqq's own dequantize + matmul (on the decoded tables), fp16 rounding
+    apart, with misses and prefetches on the way."""
+    from expert_workers import format as fmt
 
-    store = ExpertStore(kernel_ckpt, "0/1", INT3, cache_dir=tmp_path_factory.mktemp("x3"), progress=False).load()
+    store = ExpertStore(kernel_ckpt, "0/1", getattr(fmt, spec), cache_dir=tmp_path_factory.mktemp("x3"),
+                        progress=False).load()
     src = make_source(stores=[store])
     cfg = CoordinatorConfig(device="cuda", attn_bits=16, experts_per_layer=2, prefetch=1)
     fast = Coordinator(kernel_ckpt, src, cfg)
