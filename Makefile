@@ -12,7 +12,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`.
 PYTEST_ARGS ?=
 
-.PHONY: venv protos bytecode demo test clean FORCE
+.PHONY: venv protos bytecode demo test gpu-site clean FORCE
 
 venv: $(STAMP) protos bytecode $(REPO_ENV)
 
@@ -46,6 +46,19 @@ demo: venv
 # suite under 10 minutes on CI's 2 cores (tests/conftest.py groups the tests); PYTEST_ARGS="-n 0" runs it serially.
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# For the lent GPU machine (bench/NOTES.md, "How to run it"), which lacks hqq, gemlite, termcolor and grpc_health:
+# these pure-Python packages copied into .gpu/site (ignored), to carry with the generated protos. Their generated
+# gRPC/protobuf code checks the versions it was built with; the GPU machine's are older, so the checks are
+# relaxed (the wire format is the same). The run then needs the same two seds on protos/*_pb2*.py.
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+gpu-site: venv
+	rm -rf .gpu/site && mkdir -p .gpu/site
+	cd $(SITE) && cp -r hqq hqq-*.dist-info gemlite gemlite-*.dist-info termcolor termcolor-*.dist-info \
+		grpc_health grpcio_health_checking-*.dist-info $(CURDIR)/.gpu/site/
+	sed -i 's/^_runtime_version.ValidateProtobufRuntimeVersion(/_ = (/' .gpu/site/grpc_health/v1/health_pb2.py
+	sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '1.0.0'/" .gpu/site/grpc_health/v1/health_pb2_grpc.py
+	du -sh .gpu
 
 clean:
 	rm -rf $(VENV) $(dir $(REPO_ENV)) protos/*_pb2*.py protos/*_pb2.pyi

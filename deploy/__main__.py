@@ -101,9 +101,10 @@ def print_status(report: dict[str, Any]) -> None:
 
     c = report["coordinator"]
     console = Console(width=None if sys.stdout.isatty() else 200)  # a pipe: never truncate columns
+    meta = " (8-bit meta)" if c.get("meta_bits") == 8 and c["expert_bits"] != 16 else ""
     console.print(f"coordinator {c['address']}  health {c['health']}  node {c['node']}  pid {c['pid']}  "
                   f"model {c['model']} on {c['device']}  {c['workers']} shards x {c['replicas']} replicas  "
-                  f"experts {c['expert_bits']}-bit  attention {c['attn_bits']}-bit  generation {c['generation']}  "
+                  f"experts {c['expert_bits']}-bit{meta}  attention {c['attn_bits']}-bit  generation {c['generation']}  "
                   f"auth {'token' if c['auth'] else 'none'}  tls {'on' if c['tls'] else 'off'}")
     table = Table("worker", "node", "pid", "address", "shards", "replica", "health", "bytes")
     for w in report["workers"]:

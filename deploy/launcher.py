@@ -235,6 +235,7 @@ def status(namespace: str) -> dict[str, Any]:
                              "pid": state["pid"], "address": state["address"], "health": "DEAD",
                              "model": spec["model"], "device": state["device"], "workers": spec["workers"],
                              "replicas": spec["replicas"], "expert_bits": spec["expert_bits"],
+                             "meta_bits": spec.get("meta_bits", 16),
                              "attn_bits": spec["attn_bits"], "generation": state["generation"],
                              "restarts": state["restarts"], "auth": bool(spec.get("auth_token_file")),
                              "tls": bool(spec.get("tls_cert"))}

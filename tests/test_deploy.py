@@ -129,6 +129,7 @@ def test_up_serves_exact_tokens_and_status_reports_everything(cluster: LocalRay,
     assert coord["address"] == address and coord["health"] == "SERVING" and psutil.pid_exists(coord["pid"])
     assert (coord["workers"], coord["replicas"], coord["generation"]) == (1, 2, 0)
     assert (coord["auth"], coord["tls"]) == (True, True)
+    assert (coord["expert_bits"], coord["meta_bits"]) == (16, 16)
     workers = report["workers"]
     assert sorted((w["shards"], w["replica"]) for w in workers) == [("0/1", 0), ("0/1", 1)]
     for w in workers:
