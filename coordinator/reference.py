@@ -20,7 +20,8 @@ from expert_workers.format import ExpertKey, dequantize_matrix
 from expert_workers.source import ExpertSource
 
 
-def _expert_weights(source: ExpertSource, key: ExpertKey) -> dict[str, torch.Tensor]:
+def expert_weights(source: ExpertSource, key: ExpertKey) -> dict[str, torch.Tensor]:
+    """One expert's w1/w3/w2 as the source serves them, dequantized ([out, in], the compute dtype)."""
     buf = torch.empty(source.manifest(key).nbytes, dtype=torch.uint8)
     manifest = source.fetch_into(key, buf)
     return {name: dequantize_matrix(buf, manifest, name) for name in ("w1", "w3", "w2")}
@@ -32,7 +33,7 @@ def load_experts_from(model: MixtralForCausalLM, source: ExpertSource) -> None:
     for layer_idx, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
         for e in range(experts.num_experts):
-            w = _expert_weights(source, ExpertKey(layer_idx, e))
+            w = expert_weights(source, ExpertKey(layer_idx, e))
             dtype = experts.gate_up_proj.dtype
             experts.gate_up_proj[e].copy_(torch.cat([w["w1"], w["w3"]], dim=0).to(dtype))
             experts.down_proj[e].copy_(w["w2"].to(dtype))

@@ -75,6 +75,8 @@ PLANES3 = "3bit_planes_u8"
 META8_VERSION = 2
 """Manifest version of an expert whose scales and zeros are 8-bit codes (``meta_bits`` 8): a reader of version 1
 refuses it with a clear error instead of misreading the codes as fp16."""
+META8_TABLE = "even+tails"
+"""Names how ``encode_meta8`` builds its tables: part of the on-disk cache key, so a new encoder quantizes again."""
 LUT_ENTRIES = 256
 """Values in an 8-bit meta table (``coordinator.gemv_steps.group_meta`` finds the codes this many values on)."""
 PACKING_REVISION = "3bit-planes"
@@ -139,6 +141,8 @@ class QuantSpec:
             raise ValueError(f"group size must be a positive multiple of 8, got {self.group_size}")
         if self.meta_bits not in META_BITS:
             raise ValueError(f"meta bits must be one of {META_BITS}, got {self.meta_bits}")
+        if self.bits == 16:  # nothing to store: 16-bit workers started with or without --meta-bits 8 agree
+            object.__setattr__(self, "meta_bits", 16)
 
     @property
     def meta8(self) -> bool:
@@ -155,7 +159,7 @@ class QuantSpec:
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "compute_dtype": self.compute_dtype}
         if self.meta8:  # only then: the on-disk cache key of fp16 meta stays what it was
-            d["meta_bits"] = 8
+            d["meta_bits"], d["meta_table"] = 8, META8_TABLE
         return d
 
 
@@ -246,10 +250,33 @@ class ExpertManifest:
                              for t, e in m["tensors"].items()})
                 for name, m in d["matrices"].items()
             }
+            _check_meta(mats, d["version"])
             return cls(key=ExpertKey(d["layer"], d["expert"]), nbytes=d["nbytes"], checksum=d["checksum"],
                        matrices=mats, fingerprint=d["fingerprint"], version=d["version"])
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
             raise ValueError(f"malformed expert manifest: {e}") from e
+
+
+def _check_meta(mats: Mapping[str, MatrixEntry], version: int) -> None:
+    """A manifest from the wire describes its meta as the kernels will read it: meta bits 16 or 8, version 2
+    exactly when some matrix has tables, and each table + codes tensor uint8 of the table's bytes + one a group."""
+    tables = False
+    for name, m in mats.items():
+        if m.meta_bits not in META_BITS or (m.meta_bits == 8 and m.bits == 16):
+            raise ValueError(f"matrix {name}: meta bits {m.meta_bits} at {m.bits} bits")
+        if m.meta_bits == 16:
+            continue
+        tables = True
+        if m.group_size <= 0:
+            raise ValueError(f"matrix {name}: group size {m.group_size}")
+        want = LUT_ENTRIES * dtype_of(m.compute_dtype).itemsize + m.shape[0] * m.shape[1] // m.group_size
+        for t in ("scale", "zero"):
+            e = m.tensors[t]
+            if e.dtype != "uint8" or e.nbytes != want:
+                raise ValueError(f"matrix {name}: {t} is {e.nbytes} bytes of {e.dtype}, 8-bit meta needs {want} "
+                                 f"bytes of uint8")
+    if tables != (version == META8_VERSION):
+        raise ValueError(f"manifest version {version} with{'' if tables else 'out'} 8-bit meta tables")
 
 
 def checksum(buf: np.ndarray | bytes | memoryview | torch.Tensor) -> int:
@@ -289,20 +316,54 @@ def _quantize_matrix(weight: torch.Tensor, spec: QuantSpec) -> tuple[dict[str, t
 
 def encode_meta8(values: torch.Tensor, dtype: torch.dtype, log: bool) -> torch.Tensor:
     """``values`` (one matrix's scales or zeros) as one uint8 tensor: a table of LUT_ENTRIES ``dtype`` values,
-    then one code a value, its nearest table entry. The table spans [min, max] evenly, in the log domain when
-    ``log`` (scales, whose error counts relative to their size) and all values are positive, so no value is
-    off by more than half a step: a relative ln(max/min)/510 for scales, (max − min)/510 for zeros. (A k-means
-    table halves the typical error but leaves outlier groups, which real checkpoints have, off by up to 80%.)
-    The kernels read a group's scale as ``table[code]``: one more load, from a 512-byte table that stays in L1."""
+    then one code a value, its nearest table entry. The kernels read a group's scale as ``table[code]``: one
+    more load, from a 512-byte table that stays in L1. Scales are tabled in the log domain (their error counts
+    relative to their size; they must be positive). Of the tables ``_table_points`` offers, the one whose worst
+    value is off least wins. (A k-means table halves the typical error but left outlier groups 80% off.)"""
     x = values.reshape(-1).float()
-    log = log and bool((x > 0).all())
     if log:
+        if not bool(((x > 0) & x.isfinite()).all()):
+            raise ValueError("an 8-bit scale table needs positive, finite scales")
         x = x.log()
-    table = torch.linspace(x.min().item(), x.max().item(), LUT_ENTRIES, device=x.device)  # a GPU quantizes too
-    table = (table.exp() if log else table).to(dtype)   # what dequantization reads, rounded once
-    t = table.float().log() if log else table.float()
-    codes = torch.bucketize(x, (t[1:] + t[:-1]) / 2).to(torch.uint8)
-    return torch.cat([table.view(torch.uint8), codes])
+    elif not bool(x.isfinite().all()):
+        raise ValueError("an 8-bit zero table needs finite zeros")
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for points in _table_points(x):
+        table = (points.exp() if log else points).to(dtype)   # what dequantization reads, rounded once
+        t = table.float().log() if log else table.float()
+        codes = torch.bucketize(x, (t[1:] + t[:-1]) / 2)
+        worst = float((t[codes] - x).abs().max())
+        if best is None or worst < best[0]:
+            best = (worst, table, codes)
+    assert best is not None
+    return torch.cat([best[1].view(torch.uint8), best[2].to(torch.uint8)])
+
+
+TAIL_ENTRIES = (8, 32)
+"""Table entries for each tail in ``_table_points``' tables with tails."""
+TAIL_QUANTILE = 0.001
+"""Values beyond this quantile (and 1 − it) are a table's tails."""
+
+
+def _table_points(x: torch.Tensor) -> list[torch.Tensor]:
+    """Candidate tables of LUT_ENTRIES points for ``x``. First [min, max] evenly: nothing off by more than
+    (max − min)/510. When values beyond the TAIL_QUANTILE quantiles stretch the range past twice the central
+    one (a group all of one sign gets an hqq zero far outside [0, 2^bits − 1]), also tables that span the
+    central range evenly and give each tail TAIL_ENTRIES points from its end: a few outliers then cost only
+    themselves (the extremes stay exact); a heavy tail is better served by the even table. On code-moe-22m's
+    trained experts the whole range is at most 1.32× the central one."""
+    xs = x.sort().values
+    n = xs.numel()
+    lo, hi = xs[0].item(), xs[-1].item()
+    qlo, qhi = xs[int(TAIL_QUANTILE * (n - 1))].item(), xs[int((1 - TAIL_QUANTILE) * (n - 1))].item()
+    out = [torch.linspace(lo, hi, LUT_ENTRIES, device=x.device)]  # on the quantizing device (a GPU too)
+    if hi - lo > 2 * (qhi - qlo):
+        for tail in TAIL_ENTRIES:
+            mid = torch.linspace(qlo, qhi, LUT_ENTRIES - 2 * tail, device=x.device)
+            low = torch.linspace(lo, qlo, tail + 1, device=x.device)[:-1]
+            high = torch.linspace(qhi, hi, tail + 1, device=x.device)[1:]
+            out.append(torch.cat([low, mid, high]))
+    return out
 
 
 def decode_meta8(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -271,7 +271,7 @@ def test_fast_paths_match_hqq(kernel_ckpt: Path, tmp_path_factory: pytest.TempPa
 
 
 @pytest.mark.parametrize("spec", ["INT3", "INT3_M8", "INT2_M8"])
-def test_three_bit_experts_run_the_graphed_gemv(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory,
+def test_planes_and_tables_run_the_graphed_gemv(kernel_ckpt: Path, tmp_path_factory: pytest.TempPathFactory,
                                                 spec: str) -> None:
     """3-bit experts (two planes), and 3- and 2-bit experts with 8-bit scale/zero tables, go through the fused
     GEMV and CUDA graphs: the logits of hqq's own dequantize + matmul (on the decoded tables), fp16 rounding
@@ -286,6 +286,10 @@ def test_three_bit_experts_run_the_graphed_gemv(kernel_ckpt: Path, tmp_path_fact
     slow = Coordinator(kernel_ckpt, src, dataclasses.replace(cfg, decode="transformers"))
     try:
         assert fast.runner.path.name == "gemv_layer" and fast.decoder is not None and fast.decoder.graphs_wanted
+        from coordinator.gpu_kernels import layout_of
+        from expert_workers.format import ExpertKey
+
+        assert layout_of(src.manifest(ExpertKey(0, 0))).meta8 == spec.endswith("_M8")
         _hqq_reference_paths(slow)
         kv_f, kv_s = fast.new_kv_cache(), slow.new_kv_cache()
         with torch.inference_mode():

@@ -19,8 +19,8 @@ import torch
 
 from coordinator import Coordinator, CoordinatorConfig, GenerateParams
 from coordinator.engine import load_tokenizer
-from coordinator.reference import greedy, reference_model
-from expert_workers.format import EXACT, INT2, INT3_M8, ExpertKey, QuantSpec
+from coordinator.reference import expert_weights, greedy, reference_model
+from expert_workers.format import EXACT, INT2, INT3, INT3_M8, ExpertKey, QuantSpec
 from expert_workers.source import ExpertSource, make_source
 from expert_workers.store import ExpertStore
 from modelzoo.tiny import TinySpec, build_tiny_random
@@ -281,16 +281,22 @@ def test_quantized_matches_dequantized_reference(tiny_ckpt: Path, tmp_path: Path
 def test_meta8_experts_match_their_dequantized_reference(tiny_ckpt: Path, tmp_path: Path) -> None:
     """3-bit experts whose scales and zeros are 8-bit table codes (``meta_bits`` 8): both decode paths give
     transformers' tokens on the weights the tables give (the CPU path decodes them; the GPU kernels read them,
-    tests/test_gpu_kernels.py)."""
+    tests/test_gpu_kernels.py). The tables are in effect: the experts' weights differ from fp16 meta's."""
     stores = open_stores(tiny_ckpt, INT3_M8, 2, tmp_path / "experts")
+    fp16 = open_stores(tiny_ckpt, INT3, 1, tmp_path / "experts16")[0]
     try:
         source = make_source(stores=stores)
+        key = ExpertKey(2, 5)
+        assert source.manifest(key).version == 2 and source.manifest(key).matrices["w1"].meta_bits == 8
+        a = expert_weights(source, key)["w1"].float()
+        b = expert_weights(make_source(stores=[fp16]), key)["w1"].float()
+        assert 0 < float((a - b).norm() / b.norm()) < 0.02
         reference = reference_model(tiny_ckpt, source, attn_bits=4)
         for decode in ("transformers", "static"):
             cfg = CoordinatorConfig(attn_bits=4, experts_per_layer=2, prefetch=2, decode=decode)
             assert_matches(tiny_ckpt, source, reference, TINY_PROMPTS, cfg)
     finally:
-        for s in stores:
+        for s in stores + [fp16]:
             s.close()
 
 

@@ -150,13 +150,22 @@ def test_meta8_tables_bound_the_error_and_shrink_the_expert() -> None:
         assert packed.dtype == torch.uint8 and packed.numel() == 512 + values.numel()
         got, ref = decode_meta8(packed, torch.float16).float(), values.float()
         assert got.shape == ref.shape
-        if log:
+        if log:   # in log units; the table's fp16 rounding adds up to 2^-11 of a value, 2^-11 in log units
             step = float(ref.max().log() - ref.min().log()) / 255
-            err = (got.log() - ref.log()).abs().max().item()
+            err, rounding = (got.log() - ref.log()).abs().max().item(), 2 ** -11
         else:
             step = float(ref.max() - ref.min()) / 255
-            err = (got - ref).abs().max().item()
-        assert 0 < err <= step / 2 + 2 ** -10 * float(ref.abs().max()), (log, err, step)  # + the table's fp16 rounding
+            err, rounding = (got - ref).abs().max().item(), 2 ** -11 * float(ref.abs().max())
+        assert 0 < err <= step / 2 + rounding, (log, err, step)
+    zeros = torch.rand(4096) * 3
+    zeros[7] = -150.0                    # one group all of one sign: hqq's zero far outside [0, 3]
+    got = decode_meta8(encode_meta8(zeros.half(), torch.float16, log=False), torch.float16).flatten().float()
+    assert got[7] == -150.0                                            # the extremes stay exact
+    xs = zeros.half().float().sort().values
+    central = float(xs[4090] - xs[4]) / 239          # the TAIL_QUANTILE quantiles of 4096, 8 points a tail
+    assert float((got - zeros.half().float()).abs().max()) <= central / 2 + 2 ** -11 * 3   # the rest: 240 points
+    with pytest.raises(ValueError, match="positive, finite scales"):
+        encode_meta8(torch.tensor([0.5, 0.0]), torch.float16, log=True)
     weights = {"w1": torch.randn(256, 512), "w3": torch.randn(256, 512), "w2": torch.randn(512, 256)}
     _, m16 = pack_expert(ExpertKey(0, 0), weights, INT2)
     buf, m8 = pack_expert(ExpertKey(0, 0), weights, INT2_M8)
@@ -168,13 +177,22 @@ def test_meta8_tables_bound_the_error_and_shrink_the_expert() -> None:
                                        dequantize_matrix(torch.from_numpy(buf), m8, "w2"))
     import msgpack
 
-    newer = msgpack.unpackb(m8.to_msgpack()) | {"version": 3}
+    d = msgpack.unpackb(m8.to_msgpack())
     with pytest.raises(ValueError, match="manifest version 3, this code reads 1 and 2"):
-        ExpertManifest.from_msgpack(msgpack.packb(newer))
+        ExpertManifest.from_msgpack(msgpack.packb(d | {"version": 3}))
+    with pytest.raises(ValueError, match="version 1 with 8-bit meta tables"):
+        ExpertManifest.from_msgpack(msgpack.packb(d | {"version": 1}))
+    d["matrices"]["w3"]["tensors"]["zero"]["nbytes"] -= 1
+    with pytest.raises(ValueError, match="w3: zero is 2559 bytes of uint8, 8-bit meta needs 2560"):
+        ExpertManifest.from_msgpack(msgpack.packb(d))
+    d["matrices"]["w3"]["meta_bits"] = 7
+    with pytest.raises(ValueError, match="w3: meta bits 7"):
+        ExpertManifest.from_msgpack(msgpack.packb(d))
     with pytest.raises(ValueError, match="meta bits must be one of"):
         QuantSpec(bits=2, meta_bits=4)
     assert INT2.as_dict() == {"bits": 2, "group_size": 64, "compute_dtype": "float16"}  # fp16 caches keep their key
     assert INT2_M8.as_dict()["meta_bits"] == 8 and INT2_M8.label == "2 bits g64 (8-bit meta)"
+    assert QuantSpec(bits=16, meta_bits=8) == EXACT       # nothing to store at 16 bits: such workers agree
 
 
 def test_bits16_is_the_checkpoint_bit_for_bit_in_both_layouts(tiny_ckpt: Path, fused_ckpt: Path, tmp_path: Path) -> None:
