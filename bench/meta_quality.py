@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cache_bound import emit
 from expert_workers.format import (INT2, INT2_M8, INT3, INT3_M8, QuantSpec, decode_meta8, encode_meta8)
 
 CODE_MOE = Path(__file__).resolve().parents[2] / "shared" / "models" / "code-moe-22m"
@@ -108,11 +109,7 @@ def main() -> None:
                            ("3-bit g64, 8-bit tables", INT3_M8)):
             lines.append(f"| {name} | {perplexity(spec, ids, Path(work)):.3f} |")
             print(lines[-1], flush=True)
-    lines += ["", f"Ran in {time.perf_counter() - t0:.0f} s."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text)
+    emit(lines + ["", f"Ran in {time.perf_counter() - t0:.0f} s."], a.out)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,15 @@ def test_fused_rms_norm_matches_transformers(device: str) -> None:
     proc = subprocess.run([sys.executable, "-c", _NORM_CHECK, device], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "NORM OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_expert_kernels_compile_for_the_gpu_without_one() -> None:
+    """Triton's ahead-of-time compiler (with its bundled ptxas) builds the decode kernels for sm_90 at Mixtral's
+    shapes and launch shapes, with fp16 scales/zeros and with 8-bit tables: the types and lowering the
+    interpreter test cannot see are checked before a GPU session. (bench/kernel_sass.py reports their SASS.)"""
+    pytest.importorskip("triton")
+    from bench import kernel_sass
+
+    for meta8 in (False, True):
+        for name, fn, sig, const, cfg in kernel_sass.kernels(meta8):
+            assert kernel_sass.compile_for(fn, sig, const, cfg, 90).asm["cubin"], (name, meta8)
