@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from bench.cache_bound import emit
-from expert_workers.format import (INT2, INT2_M8, INT3, INT3_M8, QuantSpec, decode_meta8, encode_meta8)
+from expert_workers.format import INT2, INT2_M8, INT3, INT3_M8, QuantSpec
+from expert_workers.meta8 import decode_meta8, encode_meta8
 
 CODE_MOE = Path(__file__).resolve().parents[2] / "shared" / "models" / "code-moe-22m"
 STDLIB_FILES = ("json/decoder.py", "argparse.py", "dataclasses.py", "functools.py", "pathlib/__init__.py",

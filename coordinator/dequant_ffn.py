@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from coordinator import gpu_kernels as gk
 from coordinator import planes3
-from expert_workers.format import LUT_ENTRIES, PLANES3, ExpertManifest, dequantize_matrix, dtype_of
+from expert_workers.format import PLANES3, ExpertManifest, dequantize_matrix, dtype_of
+from expert_workers.meta8 import LUT_ENTRIES
 
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 DEQUANT_CHUNK = 1 << 23

@@ -8,7 +8,7 @@ Shape legend (one hqq "Nbit_u8" matrix [N, K], V = 8/bits values per byte, NV = 
               [BN, GPB, g/4]  int32 words of the same rows and groups (by words: word j = bytes 4j..4j+3)
     acc       one tile-shaped fp32 accumulator per quarter v (output rows n + v·NV), reduced once after K
     scale/zero [N·K/g] per group row, W = (q − zero)·scale; at 8 meta bits (``META8``) each is a table of
-              256 values followed by a uint8 code per group row (``expert_workers.format.encode_meta8``)
+              256 values followed by a uint8 code per group row (``expert_workers.meta8``)
 
 By bytes, each byte is unpacked to an int and each field shifted, masked and or-ed into the mantissa of 2^23
 (one FADD then gives q as a float: no I2F). By words, the field of byte b stays in place: masked and or-ed into
@@ -25,7 +25,7 @@ import triton.language as tl
 @triton.jit
 def group_meta(p, gi, gmask, META8: tl.constexpr):
     """Group rows ``gi``'s scale (or zero) in fp32: ``p[gi]``, or at 8 meta bits ``p[code[gi]]``, where ``p``
-    is the table (format.LUT_ENTRIES = 256 values) and the uint8 codes follow it. The table is 512 bytes, so
+    is the table (``meta8.LUT_ENTRIES`` = 256 values) and the uint8 codes follow it. The table is 512 bytes, so
     its second load hits L1."""
     if META8:
         code = tl.load((p + 256).to(tl.pointer_type(tl.uint8)) + gi, mask=gmask, other=0).to(tl.int32)

@@ -126,7 +126,7 @@ class PackedLayout:
     hi_offsets: tuple[int, ...] = ()
     """Byte offsets of the high-bit planes (W_qh) of w1, w3, w2: PLANES3 only."""
     meta8: bool = False
-    """Scales and zeros are 8-bit codes into a per-matrix table (``format.encode_meta8``); ``weight_dtype`` is the
+    """Scales and zeros are 8-bit codes into a per-matrix table (``expert_workers.meta8``); ``weight_dtype`` is the
     table's dtype."""
 
     @classmethod
@@ -441,7 +441,7 @@ def dequantize(w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape
                rows: tuple[int, int] | None = None, meta8: bool = False) -> torch.Tensor:
     """The [N, K] weight of one hqq-packed matrix (or its rows n0 ≤ n < n1: ``rows``), dequantized on the GPU by
     one Triton launch (any packing; equals hqq's Quantizer.dequantize up to the final rounding). ``meta8``:
-    scale and zero start at their tables (``format.encode_meta8``), and the codes follow in memory."""
+    scale and zero start at their tables (``expert_workers.meta8``), and the codes follow in memory."""
     (first, total), n_out = row_span(shape, rows)
     w = out if out is not None else torch.empty((n_out, shape[1]), device=w_q.device, dtype=dtype)
     step = w_q.shape[0] if w_q.dim() == 2 else w_q.numel() // group_size

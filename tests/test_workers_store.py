@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from expert_workers.cache import CacheIndex
 from expert_workers.checkpoint import Checkpoint, CheckpointError
 from expert_workers.format import (EXACT, INT2, INT2_M8, INT3, INT3_M8, INT4, ExpertKey, ExpertManifest, QuantSpec,
-                                   checksum, decode_meta8, dequantize_matrix, encode_meta8, pack_expert)
+                                   checksum, dequantize_matrix, pack_expert)
+from expert_workers.meta8 import decode_meta8, encode_meta8
 from expert_workers.inprocess import InProcessSource
 from expert_workers.source import ExpertNotFound, make_source
 from expert_workers.store import ExpertStore, ShardSpec, WorkerNotReady
