@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,6 +206,9 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
     """Starts the workers once, then one coordinator per (mode, cap); appends one row per run."""
     spec = spec_of(templates)
     t0 = time.perf_counter()
+    # Scratch: caches of earlier runs (other bits or meta bits: 13-20 GB each at Mixtral's size) filled the GPU
+    # machine's 64 GB disk after four runs on one lease (session 16).
+    shutil.rmtree(work / "cache", ignore_errors=True)
     ckpt = write_checkpoint(work / "ckpt", shape, args.device, dense=dense)
     write_worker_caches(ckpt, work / "cache", spec, args.workers, templates)
     log(f"system: checkpoint + {args.workers} worker caches written in {time.perf_counter() - t0:.1f}s")
