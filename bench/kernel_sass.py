@@ -6,7 +6,8 @@ instructions? (CPU, ~1 min; NOTES item 86.)
 Triton compiles ahead of time for any target with its bundled ptxas, so the decode kernels (gate-up and down,
 2-bit u8 and 3-bit planes, by words, at Mixtral's shapes and the launch shapes of ``coordinator.gpu_kernels``)
 are built here for sm_``arch`` with fp16 scales/zeros and with 8-bit tables (``META8``). For each, the SASS
-(``cuobjdump -sass``) gives the static instruction count, the global loads, and the registers a thread needs:
+(``cuobjdump -sass``) gives the static instruction count, the global loads, the stores that spill registers to
+local memory, and the registers a thread needs:
 a proxy for what ``META8`` adds to a kernel that is bound by instructions (NOTES item 50), not a timing. This
 machine's Triton may differ from the GPU machine's (3.6 there), so the code it emits may differ too.
 """
@@ -53,7 +54,7 @@ def _sass_stats(kernel: Any) -> dict[str, int]:
     ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
     regs = re.search(r"REG:(\d+)", usage)
     return {"instructions": len(ops), "global loads": sum(op.startswith("LDG") for op in ops),
-            "registers": int(regs.group(1)) if regs else -1}
+            "spill stores": sum(op.startswith("STL") for op in ops), "registers": int(regs.group(1)) if regs else -1}
 
 
 def kernels(meta8: bool) -> list[tuple[str, Any, dict[str, str], dict[str, Any], Any]]:
@@ -87,21 +88,47 @@ def kernels(meta8: bool) -> list[tuple[str, Any, dict[str, str], dict[str, Any],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    ap.add_argument("--sweep3", action="store_true", help="also the 3-bit gate-up kernel at other launch shapes")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     import triton
 
     t0 = time.perf_counter()
     lines = [f"# Expert GEMV kernels compiled for sm_{a.arch} without a GPU (Triton {triton.__version__})", "",
-             f"`python -m bench.kernel_sass --arch {a.arch}`", "",
-             "| kernel | scales/zeros | SASS instructions | global loads | registers |", "|---|---|---|---|---|"]
+             f"`python -m bench.kernel_sass --arch {a.arch}{' --sweep3' if a.sweep3 else ''}`", "",
+             "| kernel | scales/zeros | SASS instructions | global loads | spill stores (STL) | registers |",
+             "|---|---|---|---|---|---|"]
     for meta8 in (False, True):
         for name, fn, sig, const, cfg in kernels(meta8):
             s = _sass_stats(compile_for(fn, sig, const, cfg, a.arch))
             lines.append(f"| {name} | {'8-bit tables' if meta8 else 'fp16'} | {s['instructions']} | "
-                         f"{s['global loads']} | {s['registers']} |")
+                         f"{s['global loads']} | {s['spill stores']} | {s['registers']} |")
             print(lines[-1], flush=True)
+    if a.sweep3:
+        lines += _sweep3(a.arch)
     emit(lines + ["", f"Ran in {time.perf_counter() - t0:.0f} s."], a.out)
+
+
+SHAPES3 = ((4, 8, 4), (4, 4, 4), (8, 4, 4), (2, 8, 4), (4, 8, 8))
+"""(block_n, groups_per_block, num_warps) of the 3-bit gate-up kernel for ``--sweep3``; the first is GATE_UP3."""
+
+
+def _sweep3(arch: int) -> list[str]:
+    """Spill stores and instructions of the 3-bit gate-up kernel at SHAPES3, fp16 meta and tables."""
+    import dataclasses
+
+    out = ["", "3-bit gate-up at other launch shapes (spill stores / instructions):", "",
+           "| block_n | groups_per_block | warps | fp16 | 8-bit tables |", "|---|---|---|---|---|"]
+    for bn, gpb, warps in SHAPES3:
+        cells = []
+        for meta8 in (False, True):
+            _, fn, sig, const, cfg = kernels(meta8)[2]
+            s = _sass_stats(compile_for(fn, sig, const | {"BN": bn, "GPB": gpb}, dataclasses.replace(
+                cfg, block_n=bn, groups_per_block=gpb, num_warps=warps), arch))
+            cells.append(f"{s['spill stores']} / {s['instructions']}")
+        out.append(f"| {bn} | {gpb} | {warps} | {cells[0]} | {cells[1]} |")
+        print(out[-1], flush=True)
+    return out
 
 
 if __name__ == "__main__":
