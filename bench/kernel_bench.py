@@ -249,9 +249,9 @@ def run3(shape: ModelShape, tpl3: list[tuple[np.ndarray, ExpertManifest]], devic
     dn_cands = [C(8, 2, 4, 4, 3), C(8, 2, 4, 4, 3, W), C(4, 2, 4, 4, 3, W), C(8, 4, 4, 4, 3, W), C(4, 4, 4, 4, 3, W),
                 C(8, 4, 8, 4, 3, W), C(8, 8, 4, 4, 3, W)]
     time2 = lambda gu, dn: graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay, gate_up=gu, down=dn))  # noqa: E731
-    best_gu, best_dn, best_t, sweep = _sweep(time2, gu_cands, dn_cands, gk.GATE_UP3, gk.DOWN3,
+    best_gu, best_dn, best_t, sweep = _sweep(time2, gu_cands, dn_cands, *gk.configs_for(lay),
                                              t["moe_2experts_graph"])
-    gk.set_configs(gate_up3=best_gu, down3=best_dn)
+    gk.set_configs(gate_up3=best_gu, down3=best_dn, meta8=lay.meta8)
     res["sweep_ms"] = sweep
     res["best_configs"] = {"gate_up3": best_gu.__dict__, "down3": best_dn.__dict__}
     t["moe_2experts_graph_tuned"] = best_t

@@ -69,12 +69,13 @@ def kernels(meta8: bool) -> list[tuple[str, Any, dict[str, str], dict[str, Any],
             "y_ptr": "*fp32"}
     off = {f"O{t}{m}": (i + 1) * 2 ** 20 for i, (m, t) in enumerate((m, t) for m in "13" for t in "QSZH")}
     common = {"H": H, "I": I, "GROUP": G, "TOPK": 2, "INDIRECT": True, "WDT": tl.float16, "META8": meta8}
+    gu3, dn3 = (gk.GATE_UP3_M8, gk.DOWN3_M8) if meta8 else (gk.GATE_UP3, gk.DOWN3)   # as gk.configs_for picks
     out = []
     for name, fn, cfg, sig, extra in (
             ("2-bit gate-up", gk._gate_up_kernel, gk.GATE_UP, ptrs, {"BITS": 2, "ZERO_OUT": True}),
             ("2-bit down", gk._down_kernel, gk.DOWN, down, {"BITS": 2, "SPLIT_K": gk.DOWN.split_k}),
-            ("3-bit gate-up", planes3._gate_up_kernel, gk.GATE_UP3, ptrs, {"ZERO_OUT": True}),
-            ("3-bit down", planes3._down_kernel, gk.DOWN3, down, {"SPLIT_K": gk.DOWN3.split_k})):
+            ("3-bit gate-up", planes3._gate_up_kernel, gu3, ptrs, {"ZERO_OUT": True}),
+            ("3-bit down", planes3._down_kernel, dn3, down, {"SPLIT_K": dn3.split_k})):
         names = set(fn.arg_names)
         offsets = {k: v for k, v in off.items() if k in names}
         if "OQ" in names:  # the down kernels: one matrix (w2)
