@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reach", type=int, default=4)
     ap.add_argument("--trace", default="", help="an .npz of the routing and the guesses: read when it exists")
     ap.add_argument("--cases", default="",
-                    help="'NAME:SLOTS:MS_A:EXPERT_MB;...' (MS_A: (a)'s ms a token; default: s9b's 8 GB and s9c's 3-bit 12 GB)")
+                    help="'NAME:SLOTS:MS_A:EXPERT_MB;...' (MS_A: (a)'s ms a token; default: s9b's 8 GB and s9c's "
+                         "3-bit 12 GB)")
     ap.add_argument("--gbps", type=float, default=54.0, help="pinned H2D bandwidth for --cases")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)

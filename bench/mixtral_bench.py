@@ -30,7 +30,7 @@ from bench.backends import LRU, Naive, Prefetch, Resident, WorkerShm
 from bench.model import DecodeModel
 from bench.synth import MIXTRAL_8X7B, SMALL, TINY, ExpertBank, ModelShape, build_bank, build_dense, expert_templates
 from coordinator import gpu_kernels as gk
-from expert_workers.format import INT2, INT3
+from expert_workers.format import INT2, INT3, META_BITS
 
 T0 = time.perf_counter()
 
@@ -240,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--naive3-tokens", type=int, default=32)
     ap.add_argument("--guesses", type=int, default=2, help="next-layer experts prefetched per layer")
     ap.add_argument("--templates", type=int, default=4)
-    ap.add_argument("--meta-bits", type=int, default=16, choices=(16, 8),
+    ap.add_argument("--meta-bits", type=int, default=16, choices=META_BITS,
                     help="every row's experts with scales and zeros as 16-bit values or 8-bit table codes [16]")
     ap.add_argument("--reserve-gb", type=float, default=0.9,
                     help="activations, graph pools, allocator slack, prefetch spares (0.6 let the 8 GB in-loop rows "

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy.spec import ATTN_BITS, DECODE_MODES, EVICTIONS, EXPERT_BITS, NAMESPACE, DeployError, DeploySpec
+from deploy.spec import (ATTN_BITS, DECODE_MODES, EVICTIONS, EXPERT_BITS, META_BITS, NAMESPACE, DeployError,
+                         DeploySpec)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="interface the coordinator binds [127.0.0.1]")
     up.add_argument("--expert-bits", type=int, default=2, choices=EXPERT_BITS, help="hqq bits of experts [2]")
     up.add_argument("--group-size", type=int, default=64, help="hqq group size of experts [64]")
-    up.add_argument("--meta-bits", type=int, default=16, choices=(16, 8),
+    up.add_argument("--meta-bits", type=int, default=16, choices=META_BITS,
                     help="bits of each expert group's scale and zero; 8: codes into a table per matrix [16]")
     up.add_argument("--attn-bits", type=int, default=4, choices=ATTN_BITS, help="hqq bits of attention [4]")
     up.add_argument("--lm-head-bits", type=int, default=16, choices=ATTN_BITS,
@@ -104,7 +105,8 @@ def print_status(report: dict[str, Any]) -> None:
     meta = " (8-bit meta)" if c.get("meta_bits") == 8 and c["expert_bits"] != 16 else ""
     console.print(f"coordinator {c['address']}  health {c['health']}  node {c['node']}  pid {c['pid']}  "
                   f"model {c['model']} on {c['device']}  {c['workers']} shards x {c['replicas']} replicas  "
-                  f"experts {c['expert_bits']}-bit{meta}  attention {c['attn_bits']}-bit  generation {c['generation']}  "
+                  f"experts {c['expert_bits']}-bit{meta}  attention {c['attn_bits']}-bit  "
+                  f"generation {c['generation']}  "
                   f"auth {'token' if c['auth'] else 'none'}  tls {'on' if c['tls'] else 'off'}")
     table = Table("worker", "node", "pid", "address", "shards", "replica", "health", "bytes")
     for w in report["workers"]:

@@ -14,6 +14,7 @@ COORDINATOR_ACTOR = "moe-coordinator"
 WORKER_PREFIX = "expert-worker"
 """Prefix of expert worker actor names (the one ``coordinator --ray`` discovery looks for)."""
 EXPERT_BITS = (2, 3, 4, 8, 16)
+META_BITS = (16, 8)  # expert_workers.format's too (which imports torch)
 ATTN_BITS = (4, 8, 16)  # coordinator.config's too
 DECODE_MODES = ("auto", "graphs", "static", "transformers")  # coordinator.config's (which imports torch)
 EVICTIONS = ("lru", "lrfu")  # coordinator.config's too
@@ -99,8 +100,8 @@ class DeploySpec:
             raise ValueError(f"workers and replicas must be >= 1, got {self.workers} x {self.replicas}")
         if self.expert_bits not in EXPERT_BITS:
             raise ValueError(f"expert bits must be one of {EXPERT_BITS}, got {self.expert_bits}")
-        if self.meta_bits not in (16, 8):
-            raise ValueError(f"meta bits must be 16 or 8, got {self.meta_bits}")
+        if self.meta_bits not in META_BITS:
+            raise ValueError(f"meta bits must be one of {META_BITS}, got {self.meta_bits}")
         if self.attn_bits not in ATTN_BITS or self.lm_head_bits not in ATTN_BITS:
             raise ValueError(f"attention and lm_head bits must be one of {ATTN_BITS}, got {self.attn_bits} and "
                              f"{self.lm_head_bits}")

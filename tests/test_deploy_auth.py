@@ -90,6 +90,10 @@ def test_coordinator_args_carry_the_decode_settings() -> None:
     from deploy.spec import ATTN_BITS as DEPLOY_ATTN_BITS
 
     assert DEPLOY_ATTN_BITS == ATTN_BITS
+    from deploy.spec import META_BITS as DEPLOY_META_BITS
+    from expert_workers.format import META_BITS
+
+    assert DEPLOY_META_BITS == META_BITS
     for bad in ({"prefetch": -1}, {"prefetch_ahead": 3}, {"decode": "fast"}, {"repartition_every": -1},
                 {"eviction": "fifo"}, {"lm_head_bits": 3}, {"meta_bits": 4}):
         with pytest.raises(ValueError, match="prefetch|decode|repartition|eviction|lm_head|meta bits"):

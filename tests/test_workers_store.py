@@ -139,7 +139,8 @@ def test_quantized_experts_dequantize_bit_identically_to_hqq(tiny_ckpt: Path, tm
 def test_meta8_tables_bound_the_error_and_shrink_the_expert() -> None:
     """8-bit scale/zero tables: every value within half a table step (relative, in the log domain, for scales)
     even with outlier groups; the tensors are table + one byte a group; a 2-bit g64 expert shrinks by 2.5 → 2.25
-    bits a weight (here: the exact bytes of codes, tables and fp16 meta); the manifest says so (version 2) and survives msgpack; an unknown version is refused."""
+    bits a weight (here: the exact bytes of codes, tables and fp16 meta); the manifest says so (version 2) and
+    survives msgpack; an unknown version is refused."""
     from hqq.core.quantize import Quantizer
 
     torch.manual_seed(0)
