@@ -21,14 +21,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from expert_workers.meta8 import LUT_ENTRIES
+
+TABLE: tl.constexpr = tl.constexpr(LUT_ENTRIES)
+"""Entries of an 8-bit meta table: its codes start this many values after it."""
+
 
 @triton.jit
 def group_meta(p, gi, gmask, META8: tl.constexpr):
     """Group rows ``gi``'s scale (or zero) in fp32: ``p[gi]``, or at 8 meta bits ``p[code[gi]]``, where ``p``
-    is the table (``meta8.LUT_ENTRIES`` = 256 values) and the uint8 codes follow it. The table is 512 bytes, so
-    its second load hits L1."""
+    is the table (TABLE values) and the uint8 codes follow it. The table is 512 bytes, so its second load hits
+    L1."""
     if META8:
-        code = tl.load((p + 256).to(tl.pointer_type(tl.uint8)) + gi, mask=gmask, other=0).to(tl.int32)
+        code = tl.load((p + TABLE).to(tl.pointer_type(tl.uint8)) + gi, mask=gmask, other=0).to(tl.int32)
         v = tl.load(p + code)
     else:
         v = tl.load(p + gi, mask=gmask, other=0)

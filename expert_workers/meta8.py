@@ -9,7 +9,8 @@ import torch
 META8_TABLE = "even+tails"
 """Names how ``encode_meta8`` builds its tables: part of the on-disk cache key, so a new encoder quantizes again."""
 LUT_ENTRIES = 256
-"""Values in an 8-bit meta table (``coordinator.gemv_steps.group_meta`` finds the codes this many values on)."""
+"""Values in an 8-bit meta table (``coordinator.gemv_steps.TABLE``: the kernels find the codes this many values
+on)."""
 
 
 def encode_meta8(values: torch.Tensor, dtype: torch.dtype, log: bool) -> torch.Tensor:
