@@ -62,13 +62,29 @@ def measure_bw(nbytes: int, device: str, copies: int = 8) -> dict[str, float]:
     return out
 
 
+def host_cpu() -> str:
+    """The host's processor and core count: (c)'s eager forward is bound by the host's Python, so its speed
+    varies from lease to lease with the CPU (NOTES items 84 and 87)."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def env_info(device: str) -> dict[str, Any]:
     import importlib.metadata as md
     import platform
     import subprocess
 
     info: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
-                            "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv}
+                            "torch": torch.__version__, "cuda": torch.version.cuda, "argv": sys.argv,
+                            "host_cpu": host_cpu()}
     for pkg in ("triton", "transformers", "hqq", "gemlite", "grpcio", "protobuf", "msgpack", "xxhash"):
         try:
             info[pkg] = md.version(pkg)

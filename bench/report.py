@@ -133,7 +133,8 @@ def markdown(results: dict[str, Any]) -> str:
     head, body, rhead, rbody = _lines(results)
     md = ["# Mixtral-8x7B-shaped decode benchmark", "",
           f"- date: {env.get('date')}; GPU: {env.get('gpu')} (driver {env.get('driver')}); torch {env.get('torch')} "
-          f"(CUDA {env.get('cuda')}); triton {env.get('triton')}; transformers {env.get('transformers')}",
+          f"(CUDA {env.get('cuda')}); triton {env.get('triton')}; transformers {env.get('transformers')}; "
+          f"host CPU {env.get('host_cpu', 'not recorded')}",
           f"- command: `{' '.join(env.get('argv', []))}`",
           *[f"- run {x['run']} ({x['date']}, rows: {x['selector']}): `PYTHONPATH=.gpu/site:. python3 -m bench.mixtral_bench "
             f"{' '.join((x.get('argv') or [])[1:])}`" for x in results.get("sources", [])],

@@ -267,7 +267,7 @@ def _check_meta(mats: Mapping[str, MatrixEntry], version: int) -> None:
         tables = True
         if m.group_size <= 0:
             raise ValueError(f"matrix {name}: group size {m.group_size}")
-        want = LUT_ENTRIES * dtype_of(m.compute_dtype).itemsize + m.shape[0] * m.shape[1] // m.group_size
+        want = meta8_tensor_bytes(m)
         for t in ("scale", "zero"):
             e = m.tensors[t]
             if e.dtype != "uint8" or e.nbytes != want:
@@ -275,6 +275,11 @@ def _check_meta(mats: Mapping[str, MatrixEntry], version: int) -> None:
                                  f"bytes of uint8")
     if tables != (version == META8_VERSION):
         raise ValueError(f"manifest version {version} with{'' if tables else 'out'} 8-bit meta tables")
+
+
+def meta8_tensor_bytes(m: MatrixEntry) -> int:
+    """Bytes of one 8-bit "scale" or "zero" tensor of ``m``: its table, then one code a group."""
+    return LUT_ENTRIES * dtype_of(m.compute_dtype).itemsize + m.shape[0] * m.shape[1] // m.group_size
 
 
 def checksum(buf: np.ndarray | bytes | memoryview | torch.Tensor) -> int:
@@ -357,6 +362,19 @@ def pack_expert(key: ExpertKey, weights: Mapping[str, torch.Tensor], spec: Quant
     version = META8_VERSION if spec.meta8 else FORMAT_VERSION
     return buf, ExpertManifest(key=key, nbytes=offset, checksum=checksum(buf), matrices=mats,
                                fingerprint=fingerprint, version=version)
+
+
+def meta8_nbytes(manifest: ExpertManifest) -> int:
+    """The buffer length ``pack_expert`` would give the same expert with 8-bit scale/zero tables: each
+    quantized matrix's fp16 scale and zero become a table plus one code a group (what a coordinator tells a
+    user its budget would hold with ``--meta-bits 8``)."""
+    offset = 0
+    for name in MATRICES:
+        m = manifest.matrices[name]
+        tables = m.bits != 16 and m.meta_bits == 16
+        for t, e in sorted(m.tensors.items(), key=lambda te: te[1].offset):
+            offset = _align(offset + (meta8_tensor_bytes(m) if tables and t in ("scale", "zero") else e.nbytes))
+    return offset
 
 
 def tensor_views(buf: torch.Tensor, manifest: ExpertManifest) -> dict[str, dict[str, torch.Tensor]]:

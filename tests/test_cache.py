@@ -19,9 +19,10 @@ from coordinator.config import EVICTIONS
 from coordinator.partition import SlotPlanner
 from coordinator.replay import cache_step as run_step
 from coordinator.replay import replay
-from expert_workers.format import EXACT, ExpertKey
+from expert_workers.format import EXACT, INT2, INT2_M8, ExpertKey, meta8_nbytes
 from expert_workers.source import ExpertSource, make_source
 from expert_workers.store import ExpertStore
+from modelzoo.tiny import TinySpec, build_tiny_random
 
 CODE_MOE = Path(__file__).resolve().parents[2] / "shared" / "models" / "code-moe-22m"
 TRACE = CODE_MOE / "routing_trace_heldout.npy"
@@ -272,6 +273,51 @@ def test_memory_budget_sets_k(tiny_ckpt: Path, tiny_source: ExpertSource) -> Non
     assert 1 <= sizes[0] < sizes[1] <= 8
     with pytest.raises(ValueError, match="no room for one expert per layer"):
         Coordinator(tiny_ckpt, tiny_source, CoordinatorConfig(attn_bits=16, gpu_memory_gb=0.0001))
+
+
+def test_a_partial_budget_says_what_8bit_tables_would_hold(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """When the budget holds only part of the experts and the workers keep fp16 scales and zeros, the
+    coordinator logs how many 8-bit tables (``--meta-bits 8``) would hold, from their exact size; workers with
+    tables, or matrices too small for tables to pay (tiny-random's), get no such line."""
+    import logging
+
+    ckpt = build_tiny_random(tmp_path / "wide", TinySpec(layers=2, hidden=256, intermediate=512, seed=3))
+    for spec, wanted in ((INT2, True), (INT2_M8, False)):
+        store = ExpertStore(ckpt, "0/1", spec, cache_dir=tmp_path / spec.label, progress=False).load()
+        source = make_source(stores=[store])
+        slot = _slot_bytes(source)
+        probe = Coordinator(ckpt, source, CoordinatorConfig(attn_bits=16, experts_per_layer=1))
+        fixed = probe.stats()["non_expert_bytes"] + probe._kv_bytes(torch.float32) + probe._workspace_bytes(
+            torch.float32, probe.runner.manifests)   # what the budget takes before the slots (tiny: 10 MB prefill)
+        budget = (fixed + 6.5 * slot) / 2**30
+        probe.close()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="coordinator.engine"):
+            engine = Coordinator(ckpt, source, CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget))
+        held = sum(engine.cache.layer_slots)
+        slot8 = -(-meta8_nbytes(source.manifest(ExpertKey(0, 0))) // 256) * 256
+        engine.close()
+        store.close()
+        hints = [r.getMessage() for r in caplog.records if "8-bit scale/zero tables" in r.getMessage()]
+        assert held == 4 and bool(hints) == wanted, (spec, held, hints)   # 6.5 slots, 2 of them spares
+        if wanted:
+            assert slot8 < slot and hints[0].startswith(f"the budget holds {held} of 16 experts")
+            assert hints[0].endswith(f"would hold {int(6.5 * slot) // slot8 - 2}"), hints[0]
+    assert not _meta8_hint_for(tmp_path)  # tiny-random: a table (512 B) outweighs its 128 groups' fp16 meta
+
+
+def _slot_bytes(source: ExpertSource) -> int:
+    return -(-source.manifest(ExpertKey(0, 0)).nbytes // 256) * 256
+
+
+def _meta8_hint_for(tmp_path: Path) -> bool:
+    """Whether 8-bit tables would shrink a 2-bit tiny-random expert (they do not: its matrices are too small)."""
+    from modelzoo import resolve_model
+
+    store = ExpertStore(resolve_model("tiny-random"), "0/1", INT2, cache_dir=tmp_path / "tiny", progress=False)
+    manifest = make_source(stores=[store.load()]).manifest(ExpertKey(0, 0))
+    store.close()
+    return meta8_nbytes(manifest) < manifest.nbytes
 
 
 def test_spare_buffers_follow_prefetch_and_ahead(tiny_ckpt: Path, tiny_source: ExpertSource) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from expert_workers.cache import CacheIndex
 from expert_workers.checkpoint import Checkpoint, CheckpointError
 from expert_workers.format import (EXACT, INT2, INT2_M8, INT3, INT3_M8, INT4, ExpertKey, ExpertManifest, QuantSpec,
-                                   checksum, dequantize_matrix, pack_expert)
+                                   checksum, dequantize_matrix, meta8_nbytes, pack_expert)
 from expert_workers.meta8 import decode_meta8, encode_meta8
 from expert_workers.inprocess import InProcessSource
 from expert_workers.source import ExpertNotFound, make_source
@@ -174,6 +174,9 @@ def test_meta8_tables_bound_the_error_and_shrink_the_expert() -> None:
     assert (m16.version, m8.version) == (1, 2) and m8.matrices["w1"].meta_bits == 8
     groups, codes = 256 * 512 // 64, 3 * 256 * 512 // 4                       # per matrix; 2-bit codes of all three
     assert (m16.nbytes, m8.nbytes) == (codes + 6 * 2 * groups, codes + 6 * (512 + groups))  # Mixtral: 2.5 → 2.25 bits
+    assert meta8_nbytes(m16) == meta8_nbytes(m8) == m8.nbytes        # what a coordinator's hint predicts
+    _, m3 = pack_expert(ExpertKey(0, 0), weights, INT3)
+    assert meta8_nbytes(m3) == pack_expert(ExpertKey(0, 0), weights, INT3_M8)[1].nbytes  # the planes keep their place
     again = ExpertManifest.from_msgpack(m8.to_msgpack())
     assert again == m8 and torch.equal(dequantize_matrix(torch.from_numpy(buf), again, "w2"),
                                        dequantize_matrix(torch.from_numpy(buf), m8, "w2"))
