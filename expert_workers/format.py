@@ -203,6 +203,11 @@ class MatrixEntry:
     """16: "scale" and "zero" are ``compute_dtype`` [groups, 1]; 8: each is uint8, a table then codes
     (``encode_meta8``)."""
 
+    @property
+    def groups(self) -> int:
+        """Quantization groups of the matrix: one scale and one zero each."""
+        return self.shape[0] * self.shape[1] // self.group_size
+
 
 @dataclass(frozen=True)
 class ExpertManifest:
@@ -279,7 +284,7 @@ def _check_meta(mats: Mapping[str, MatrixEntry], version: int) -> None:
 
 def meta8_tensor_bytes(m: MatrixEntry) -> int:
     """Bytes of one 8-bit "scale" or "zero" tensor of ``m``: its table, then one code a group."""
-    return LUT_ENTRIES * dtype_of(m.compute_dtype).itemsize + m.shape[0] * m.shape[1] // m.group_size
+    return LUT_ENTRIES * dtype_of(m.compute_dtype).itemsize + m.groups
 
 
 def checksum(buf: np.ndarray | bytes | memoryview | torch.Tensor) -> int:
@@ -418,7 +423,7 @@ def dequantize_views(m: MatrixEntry, views: Mapping[str, torch.Tensor]) -> torch
 
     cdt = dtype_of(m.compute_dtype)
     codes = BitPack.unpack_2bit_u8(views["W_q"], dtype=cdt) + 4 * BitPack.unpack_1bit_u8(views["W_qh"], dtype=cdt)
-    codes = codes[:m.shape[0] * m.shape[1] // m.group_size]
+    codes = codes[:m.groups]
     return ((codes - zero) * scale).reshape(m.shape)
 
 
