@@ -12,7 +12,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`.
 PYTEST_ARGS ?=
 
-.PHONY: venv protos bytecode demo test gpu-site clean FORCE
+.PHONY: venv protos bytecode demo test gpu-site gpu-nvcomp clean FORCE
 
 venv: $(STAMP) protos bytecode $(REPO_ENV)
 
@@ -59,6 +59,15 @@ gpu-site: venv
 	sed -i 's/^_runtime_version.ValidateProtobufRuntimeVersion(/_ = (/' .gpu/site/grpc_health/v1/health_pb2.py
 	sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '1.0.0'/" .gpu/site/grpc_health/v1/health_pb2_grpc.py
 	du -sh .gpu
+
+# nvCOMP for bench/gdeflate_probe.py on the GPU machine (CUDA 13, as its torch 2.11+cu130), from PyPI; only
+# what Python 3.11/3.12 load is kept (~28 MB, within the device tool's carry beside .gpu/site)
+gpu-nvcomp: venv
+	rm -rf .gpu/nvcomp
+	$(PY) -m pip install -q --no-deps --target .gpu/nvcomp nvidia-nvcomp-cu13==6.0.0.12 nvidia-libnvcomp-cu13==6.0.0.12
+	rm -rf .gpu/nvcomp/nvidia/libnvcomp/bin .gpu/nvcomp/nvidia/libnvcomp/include .gpu/nvcomp/bin
+	find .gpu/nvcomp/nvidia/nvcomp -name 'nvcomp_impl.cpython-*.so' ! -name '*-311-*' ! -name '*-312-*' -delete
+	du -sh .gpu/nvcomp
 
 clean:
 	rm -rf $(VENV) $(dir $(REPO_ENV)) protos/*_pb2*.py protos/*_pb2.pyi

@@ -1,0 +1,164 @@
+"""Would entropy-coded expert copies pay? nvCOMP's GDeflate on one Mixtral-sized 2-bit expert (NOTES item 92).
+
+A worker would compress an expert's packed codes once on its CPU (nvCOMP's ``libnvcomp_cpu``, libdeflate
+inside), the copy would move ~0.81 of the bytes, and the GPU would decode them into the slot (nvCOMP's batched
+GDeflate kernels). It pays only if the decode, on the critical path, costs less than the copy it saves
+(~0.15 ms an expert at 55 GB/s). This probe measures both halves:
+
+    make gpu-nvcomp          # here (PyPI): the CUDA 13 wheels unpacked into .gpu/nvcomp, ~28 MB
+    python -m bench.gdeflate_probe --cpu-only          # here: ratio and CPU round trip, byte-exact
+    PYTHONPATH=.gpu/nvcomp:.gpu/site:. python3 -m bench.gdeflate_probe   # on the GPU (carry .gpu)
+
+The codes are drawn i.i.d. with hqq's measured level frequencies (``bench.code_entropy``: 0.075 / 0.425 /
+0.425 / 0.075) and packed four to a byte as hqq's 2bit_u8, so the bytes have the statistics of a real
+expert's without quantizing 176 M weights first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 1 << 16
+"""GDeflate's largest chunk (nvcompGdeflateCPUCompressionMaxAllowedChunkSize)."""
+LEVELS = (0.075, 0.425, 0.425, 0.075)
+EXPERT_CODE_BYTES = 3 * 14336 * 4096 // 4
+"""Mixtral's w1, w3, w2 at 2 bits: 44 MB of packed codes."""
+_COMPRESS = "_ZN6nvcomp8gdeflate11compressCPUEPKPKvPKmmmPKPvPmi"
+_DECOMPRESS = "_ZN6nvcomp8gdeflate13decompressCPUEPKPKvPKmmPKPvPmSA_"
+_BOUND = "_ZN6nvcomp8gdeflate32compressCPUGetMaxOutputChunkSizeEmPm"
+
+
+def packed_codes(nbytes: int, seed: int = 0) -> np.ndarray:
+    """``nbytes`` of 2-bit codes at hqq's level frequencies, four to a byte."""
+    c = np.random.default_rng(seed).choice(4, size=4 * nbytes, p=LEVELS).astype(np.uint8)
+    return (c[0::4] << 6) | (c[1::4] << 4) | (c[2::4] << 2) | c[3::4]
+
+
+def cpu_library() -> ctypes.CDLL:
+    """nvCOMP's CPU library, from the ``nvidia-libnvcomp-cu13`` package on the path."""
+    import nvidia.libnvcomp
+
+    return ctypes.CDLL(str(Path(nvidia.libnvcomp.__file__).parent / "lib64" / "libnvcomp_cpu.so.6"))
+
+
+def _ptrs(bufs: list[np.ndarray]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(bufs))(*[b.ctypes.data for b in bufs])
+
+
+def compress(data: np.ndarray, level: int, threads: int) -> list[np.ndarray]:
+    """``data`` in CHUNK-byte chunks, each GDeflate-compressed on the CPU (one call per thread's share)."""
+    lib = cpu_library()
+    bound = ctypes.c_size_t()
+    getattr(lib, _BOUND)(ctypes.c_size_t(CHUNK), ctypes.byref(bound))
+    chunks = [data[i:i + CHUNK] for i in range(0, data.size, CHUNK)]
+
+    def run(part: list[np.ndarray]) -> list[np.ndarray]:
+        outs = [np.empty(bound.value, np.uint8) for _ in part]
+        sizes = (ctypes.c_size_t * len(part))()
+        getattr(lib, _COMPRESS)(_ptrs(part), (ctypes.c_size_t * len(part))(*[c.size for c in part]),
+                                ctypes.c_size_t(CHUNK), ctypes.c_size_t(len(part)), _ptrs(outs), sizes,
+                                ctypes.c_int(level))
+        return [o[:n].copy() for o, n in zip(outs, sizes)]
+
+    step = -(-len(chunks) // threads)
+    with ThreadPoolExecutor(threads) as pool:
+        return [c for part in pool.map(run, [chunks[i:i + step] for i in range(0, len(chunks), step)]) for c in part]
+
+
+def decompress_cpu(chunks: list[np.ndarray], nbytes: int) -> np.ndarray:
+    """The CPU decoder, to check the round trip."""
+    lib = cpu_library()
+    out = np.empty(nbytes, np.uint8)
+    outs = [out[i:i + CHUNK] for i in range(0, nbytes, CHUNK)]
+    n = len(chunks)
+    sizes = (ctypes.c_size_t * n)()
+    getattr(lib, _DECOMPRESS)(_ptrs(chunks), (ctypes.c_size_t * n)(*[c.size for c in chunks]), ctypes.c_size_t(n),
+                              _ptrs(outs), (ctypes.c_size_t * n)(*[o.size for o in outs]), sizes)
+    if list(sizes) != [o.size for o in outs]:
+        raise RuntimeError("GDeflate CPU round trip: wrong chunk sizes")
+    return out
+
+
+def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int) -> dict[str, float]:
+    """ms for: the plain copy of ``data``; the copy of the compressed chunks; their GPU decode; both
+    pipelined (each eighth decoded on the compute stream as its copy lands)."""
+    import torch
+    from nvidia import nvcomp
+
+    dev = torch.device("cuda")
+    plain = torch.from_numpy(data).pin_memory()
+    offsets = np.cumsum([0] + [c.size for c in chunks])
+    packed = torch.from_numpy(np.concatenate(chunks)).pin_memory()
+    d_plain, d_packed = torch.empty_like(plain, device=dev), torch.empty_like(packed, device=dev)
+    out = torch.empty(data.size, dtype=torch.uint8, device=dev)
+    copy, compute = torch.cuda.Stream(), torch.cuda.current_stream()
+    codec = nvcomp.Codec(algorithm="GDeflate", bitstream_kind=nvcomp.BitstreamKind.RAW,
+                         cuda_stream=compute.cuda_stream)
+    srcs = [d_packed[offsets[i]:offsets[i + 1]] for i in range(len(chunks))]
+    outs = [out[i:i + CHUNK] for i in range(0, data.size, CHUNK)]
+
+    def decode(lo: int, hi: int) -> None:
+        codec.decode(nvcomp.as_arrays(srcs[lo:hi]), out=nvcomp.as_arrays(outs[lo:hi]))
+
+    def timed(fn) -> float:  # type: ignore[no-untyped-def]
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / repeats * 1e3
+
+    def pipelined(parts: int = 8) -> None:
+        step = -(-len(chunks) // parts)
+        for lo in range(0, len(chunks), step):
+            hi = min(lo + step, len(chunks))
+            with torch.cuda.stream(copy):
+                d_packed[offsets[lo]:offsets[hi]].copy_(packed[offsets[lo]:offsets[hi]], non_blocking=True)
+                landed = torch.cuda.Event()
+                landed.record(copy)
+            compute.wait_event(landed)
+            decode(lo, hi)
+
+    d_packed.copy_(packed)
+    decode(0, len(chunks))
+    torch.cuda.synchronize()
+    if not torch.equal(out.cpu(), torch.from_numpy(data)):
+        raise RuntimeError("GDeflate GPU decode differs from the codes")
+    return {"copy_plain_ms": timed(lambda: d_plain.copy_(plain, non_blocking=True)),
+            "copy_compressed_ms": timed(lambda: d_packed.copy_(packed, non_blocking=True)),
+            "decode_ms": timed(lambda: decode(0, len(chunks))),
+            "copy_then_decode_pipelined_ms": timed(pipelined)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bytes", type=int, default=EXPERT_CODE_BYTES)
+    p.add_argument("--levels", default="1,12")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--cpu-only", action="store_true")
+    a = p.parse_args()
+    data = packed_codes(a.bytes)
+    print("| level | compressed / packed | CPU compress MB/s | round trip | " +
+          ("" if a.cpu_only else "copy plain ms | copy compressed ms | GPU decode ms | pipelined ms |"))
+    for level in map(int, a.levels.split(",")):
+        t = time.perf_counter()
+        chunks = compress(data, level, a.threads)
+        rate = data.size / (time.perf_counter() - t) / 1e6
+        ok = np.array_equal(decompress_cpu(chunks, data.size), data)
+        row = f"| {level} | {sum(c.size for c in chunks) / data.size:.4f} | {rate:.0f} | {'exact' if ok else 'DIFFERS'} |"
+        if not a.cpu_only:
+            row += " " + " | ".join(f"{v:.3f}" for v in gpu_timings(data, chunks, a.repeats).values()) + " |"
+        print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
