@@ -19,7 +19,7 @@ from coordinator.config import EVICTIONS
 from coordinator.partition import SlotPlanner
 from coordinator.replay import cache_step as run_step
 from coordinator.replay import replay
-from expert_workers.format import EXACT, INT2, INT2_M8, ExpertKey, meta8_nbytes
+from expert_workers.format import ALIGN, EXACT, INT2, INT2_M8, ExpertKey, meta8_nbytes
 from expert_workers.source import ExpertSource, make_source
 from expert_workers.store import ExpertStore
 from modelzoo.tiny import TinySpec, build_tiny_random
@@ -295,7 +295,7 @@ def test_a_partial_budget_says_what_8bit_tables_would_hold(tmp_path: Path, caplo
         with caplog.at_level(logging.INFO, logger="coordinator.engine"):
             engine = Coordinator(ckpt, source, CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget))
         held = sum(engine.cache.layer_slots)
-        slot8 = -(-meta8_nbytes(source.manifest(ExpertKey(0, 0))) // 256) * 256
+        slot8 = -(-meta8_nbytes(source.manifest(ExpertKey(0, 0))) // ALIGN) * ALIGN
         engine.close()
         store.close()
         hints = [r.getMessage() for r in caplog.records if "8-bit scale/zero tables" in r.getMessage()]
@@ -303,14 +303,14 @@ def test_a_partial_budget_says_what_8bit_tables_would_hold(tmp_path: Path, caplo
         if wanted:
             assert slot8 < slot and hints[0].startswith(f"the budget holds {held} of 16 experts")
             assert hints[0].endswith(f"would hold {int(6.5 * slot) // slot8 - 2}"), hints[0]
-    assert not _meta8_hint_for(tmp_path)  # tiny-random: a table (512 B) outweighs its 128 groups' fp16 meta
+    assert not _tables_shrink_tiny_random(tmp_path)  # tiny-random: a table (512 B) outweighs its 128 groups' fp16 meta
 
 
 def _slot_bytes(source: ExpertSource) -> int:
-    return -(-source.manifest(ExpertKey(0, 0)).nbytes // 256) * 256
+    return -(-source.manifest(ExpertKey(0, 0)).nbytes // ALIGN) * ALIGN
 
 
-def _meta8_hint_for(tmp_path: Path) -> bool:
+def _tables_shrink_tiny_random(tmp_path: Path) -> bool:
     """Whether 8-bit tables would shrink a 2-bit tiny-random expert (they do not: its matrices are too small)."""
     from modelzoo import resolve_model
 
