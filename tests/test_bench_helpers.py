@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from bench import report
 from bench.system_bench import prefetch_settings
@@ -176,3 +178,20 @@ def test_far_guess_engine_serves_the_most_urgent_load_a_block_at_a_time() -> Non
     assert r["loads_per_token"] == 0 and r["ms_per_token"] == 0.25 and r["copy_busy"] == 0
     r = replay(trace, ranked, total=2, reach=1, top=2, c=0.25, tau=1.0, skip=0)
     assert r["loads_per_token"] == 2 / 6 and r["ms_per_token"] == (2.0 + 6 * 0.25) / 6   # two cold misses
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_code_entropy_reads_hqqs_own_codes(bits: int) -> None:
+    """``bench.code_entropy.codes`` recomputes hqq's codes from its scale and zero: they must equal the W_q hqq
+    packs, or the entropy it reports (NOTES item 89) is of something else."""
+    from hqq.core.quantize import Quantizer
+
+    from bench.code_entropy import codes, entropy
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.02
+    w_q, meta = Quantizer.quantize(w, nbits=bits, group_size=64, axis=1, optimize=True, device="cpu")
+    unpacked = Quantizer.unpack[meta["packing"]](w_q, dtype=torch.uint8).flatten()[:w.numel()]
+    assert np.array_equal(codes(w, bits), unpacked.numpy().astype(np.int64))
+    freq, h = entropy(codes(w, bits), 2**bits)
+    assert abs(freq.sum() - 1) < 1e-9 and 0.7 * bits < h < bits   # the middle levels dominate
