@@ -13,14 +13,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from expert_workers.format import _import_hqq_compiling_lazily
-
 GROUP = 64
 
 
 def codes(weight: torch.Tensor, bits: int, group: int = GROUP) -> np.ndarray:
     """hqq's codes of ``weight`` (round(W / scale + zero), clamped, with hqq's optimized scale and zero)."""
-    _import_hqq_compiling_lazily()
     from hqq.core.quantize import Quantizer
 
     _, meta = Quantizer.quantize(weight.float(), nbits=bits, group_size=group, axis=1, optimize=True,

@@ -31,7 +31,7 @@ from coordinator.model import PackedLinear, ShellSpec, build_shell, cache_kwarg,
 from coordinator.moe import RECALL_TOP, ExpertRunner, select_path
 from coordinator.partition import SlotPlanner
 from coordinator.transfer import Transfers
-from expert_workers.format import ALIGN, ExpertKey, ExpertLayout, ExpertManifest, meta8_nbytes
+from expert_workers.format import ExpertKey, ExpertLayout, ExpertManifest, align, meta8_nbytes
 from expert_workers.source import ExpertSource
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class Coordinator:
         self.layout = source.layout()
         check_layout(self.layout, mc)
         manifests = load_manifests(source, self.layout, config.fetch_workers)
-        slot_bytes = -(-max(m.nbytes for m in manifests.values()) // ALIGN) * ALIGN
+        slot_bytes = align(max(m.nbytes for m in manifests.values()))
         self.max_positions = min(mc.max_position_embeddings, config.max_seq_len or mc.max_position_embeddings)
         self._slot_room: float | None = None  # bytes the budget leaves for slots and spares (``_layer_slots``)
         self.cache = ExpertCache(mc.num_hidden_layers, self._layer_slots(slot_bytes, manifests), config.spares,
@@ -157,7 +157,7 @@ class Coordinator:
         room = self._slot_room
         if room is None or held >= every or any(m.bits == 16 or m.meta_bits != 16 for m in mats):
             return None
-        slot8 = -(-max(meta8_nbytes(e) for e in manifests.values()) // ALIGN) * ALIGN
+        slot8 = align(max(meta8_nbytes(e) for e in manifests.values()))
         if slot8 >= slot_bytes:  # small matrices: a 256-entry table outweighs their groups' fp16 meta
             return None
         more = min(int((room - self.config.spares * slot8) // slot8), every)

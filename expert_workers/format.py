@@ -145,7 +145,7 @@ class QuantSpec:
     @property
     def meta8(self) -> bool:
         """Whether scales and zeros are stored as 8-bit table codes."""
-        return self.meta_bits == 8 and self.bits != 16
+        return self.meta_bits == 8  # __post_init__ keeps 16 at bits 16
 
     @property
     def label(self) -> str:
@@ -294,7 +294,8 @@ def checksum(buf: np.ndarray | bytes | memoryview | torch.Tensor) -> int:
     return xxhash.xxh3_64_intdigest(memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf)
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
+    """``n`` rounded up to ALIGN: where a packed tensor starts, and a whole expert buffer's length."""
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -356,7 +357,7 @@ def pack_expert(key: ExpertKey, weights: Mapping[str, torch.Tensor], spec: Quant
     for name, t, v in parts:
         nbytes = v.numel() * v.element_size()
         entries[name][t] = TensorEntry(offset, nbytes, tuple(v.shape), dtype_name(v.dtype))
-        offset = _align(offset + nbytes)
+        offset = align(offset + nbytes)
     buf = np.zeros(offset, dtype=np.uint8)
     for name, t, v in parts:
         e = entries[name][t]
@@ -376,9 +377,8 @@ def meta8_nbytes(manifest: ExpertManifest) -> int:
     offset = 0
     for name in MATRICES:
         m = manifest.matrices[name]
-        tables = m.bits != 16 and m.meta_bits == 16
         for t, e in sorted(m.tensors.items(), key=lambda te: te[1].offset):
-            offset = _align(offset + (meta8_tensor_bytes(m) if tables and t in ("scale", "zero") else e.nbytes))
+            offset = align(offset + (meta8_tensor_bytes(m) if m.bits != 16 and t in ("scale", "zero") else e.nbytes))
     return offset
 
 

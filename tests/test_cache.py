@@ -19,7 +19,7 @@ from coordinator.config import EVICTIONS
 from coordinator.partition import SlotPlanner
 from coordinator.replay import cache_step as run_step
 from coordinator.replay import replay
-from expert_workers.format import ALIGN, EXACT, INT2, INT2_M8, ExpertKey, meta8_nbytes
+from expert_workers.format import EXACT, INT2, INT2_M8, ExpertKey, align, meta8_nbytes
 from expert_workers.source import ExpertSource, make_source
 from expert_workers.store import ExpertStore
 from modelzoo.tiny import TinySpec, build_tiny_random
@@ -295,7 +295,7 @@ def test_a_partial_budget_says_what_8bit_tables_would_hold(tmp_path: Path, caplo
         with caplog.at_level(logging.INFO, logger="coordinator.engine"):
             engine = Coordinator(ckpt, source, CoordinatorConfig(attn_bits=16, gpu_memory_gb=budget))
         held = sum(engine.cache.layer_slots)
-        slot8 = -(-meta8_nbytes(source.manifest(ExpertKey(0, 0))) // ALIGN) * ALIGN
+        slot8 = align(meta8_nbytes(source.manifest(ExpertKey(0, 0))))
         engine.close()
         store.close()
         hints = [r.getMessage() for r in caplog.records if "8-bit scale/zero tables" in r.getMessage()]
@@ -307,7 +307,7 @@ def test_a_partial_budget_says_what_8bit_tables_would_hold(tmp_path: Path, caplo
 
 
 def _slot_bytes(source: ExpertSource) -> int:
-    return -(-source.manifest(ExpertKey(0, 0)).nbytes // ALIGN) * ALIGN
+    return align(source.manifest(ExpertKey(0, 0)).nbytes)
 
 
 def _tables_shrink_tiny_random(tmp_path: Path) -> bool:
