@@ -79,11 +79,12 @@ class Engine:
         return max((ld.done_at for ld in loads if ld.done_at is not None), default=self.clock)
 
 
-def replay(trace: np.ndarray, ranked: np.ndarray, total: int, reach: int, top: int, c: float, tau: float,
-           skip: int, blocks: int = 8, every: int = 32, admission: bool = False) -> dict[str, float]:
-    """Per-token loads and modelled time of the far-guess policy with ``total`` slots (see module doc). With
-    ``admission`` (``ExpertCache.admits``), an expert the cache does not admit is still copied, into a
-    transient buffer for its step, and only remembered."""
+def replay(trace: np.ndarray, ranked: np.ndarray, total: int, reach: int, top: int | tuple[int, ...], c: float,
+           tau: float, skip: int, blocks: int = 8, every: int = 32, admission: bool = False) -> dict[str, float]:
+    """Per-token loads and modelled time of the far-guess policy with ``total`` slots (see module doc). ``top``
+    guesses at every distance, or ``top[d - 1]`` at distance d. With ``admission`` (``ExpertCache.admits``), an
+    expert the cache does not admit is still copied, into a transient buffer for its step, and only remembered."""
+    tops = top if isinstance(top, tuple) else (top,) * reach
     from coordinator.cache import ExpertCache, spread_slots
     from coordinator.partition import SlotPlanner
     from expert_workers.format import ExpertKey
@@ -133,7 +134,7 @@ def replay(trace: np.ndarray, ranked: np.ndarray, total: int, reach: int, top: i
             guesses = {g for g in guesses if g[0] != layer}
             for d in range(1, reach + 1):  # guesses from this layer's state, nearest first
                 if layer + d < layers:
-                    guess = [int(e) for e in ranked[t, layer, d - 1, :top]]
+                    guess = [int(e) for e in ranked[t, layer, d - 1, :tops[d - 1]]]
                     for e in guess:
                         if not cache.contains(ExpertKey(layer + d, e)) and (layer + d, e) not in transient:
                             load(layer + d, e, d, set(guess), counted)
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="'NAME:SLOTS:MS_A:EXPERT_MB;...' (MS_A: (a)'s ms a token; default: s9b's 8 GB and s9c's "
                          "3-bit 12 GB)")
     ap.add_argument("--gbps", type=float, default=54.0, help="pinned H2D bandwidth for --cases")
+    ap.add_argument("--mixed", default="",
+                    help="'2,1;2,1,1': also guesses this many experts at distance 1, 2, ..., with admission")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     if a.trace and Path(a.trace).is_file():
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.trace:
             np.savez(a.trace, trace=trace, ranked=ranked)
     cases = _cases(a.cases or "2-bit 8 GB, 107 slots:107:8.31:55.05;3-bit 12 GB, 128 slots:128:9.30:77.07", a.gbps)
-    cmd = f" --cases '{a.cases}' --gbps {a.gbps}" if a.cases else ""
+    cmd = (f" --cases '{a.cases}' --gbps {a.gbps}" if a.cases else "") + (f" --mixed '{a.mixed}'" if a.mixed else "")
     lines = ["# Guesses several layers ahead, replayed (CPU sibling of the GPU model, modelled time)", "",
              f"`python -m bench.far_guess --tokens {a.tokens} --skip {a.skip} --reach {a.reach}{cmd}`", "",
              "| case | reach | top | loads/token | wrong guesses/token | modelled ms/token | copy engine busy |",
@@ -198,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         r = replay(trace, ranked, slots, 1, 2, c, tau, a.skip, admission=True)
         lines.append(f"| {name} + admission | 1 | 2 | {r['loads_per_token']:.1f} | {r['wrong_per_token']:.1f} | "
                      f"{r['ms_per_token']:.1f} | {r['copy_busy']:.2f} |")
+        for tops in [tuple(int(n) for n in m.split(",")) for m in a.mixed.split(";") if m]:
+            r = replay(trace, ranked, slots, len(tops), tops, c, tau, a.skip, admission=True)
+            lines.append(f"| {name} + admission | {len(tops)} | {'/'.join(map(str, tops))} | "
+                         f"{r['loads_per_token']:.1f} | {r['wrong_per_token']:.1f} | {r['ms_per_token']:.1f} | "
+                         f"{r['copy_busy']:.2f} |")
         for guesses, label in ((ranked, ""), (oracle, " (oracle)")):
             for reach in range(1, a.reach + 1):
                 for top in (1, 2) if not label else (2,):

@@ -168,15 +168,19 @@ def main() -> int:
     p.add_argument("--cpu-only", action="store_true")
     a = p.parse_args()
     data = packed_codes(a.bytes)
-    print("| level | compressed / packed | CPU compress MB/s | round trip | " +
-          ("" if a.cpu_only else "copy plain ms | copy compressed ms | GPU decode ms | pipelined ms |"))
+    header = "| level | compressed / packed | CPU compress MB/s | CPU decode MB/s, one thread | round trip |" + (
+        "" if a.cpu_only else " copy plain ms | copy compressed ms | GPU decode ms | pipelined ms |")
+    print(header + "\n" + "|---" * (header.count("|") - 1) + "|")
     for level in map(int, a.levels.split(",")):
         t = time.perf_counter()
         chunks = compress(data, level, a.threads)
         rate = data.size / (time.perf_counter() - t) / 1e6
-        ok = np.array_equal(decompress_cpu(chunks, data.size), data)
+        t = time.perf_counter()
+        back = decompress_cpu(chunks, data.size)  # one thread
+        decode_rate = data.size / (time.perf_counter() - t) / 1e6
+        ok = np.array_equal(back, data)
         ratio = sum(c.size for c in chunks) / data.size
-        row = f"| {level} | {ratio:.4f} | {rate:.0f} | {'exact' if ok else 'DIFFERS'} |"
+        row = f"| {level} | {ratio:.4f} | {rate:.0f} | {decode_rate:.0f} | {'exact' if ok else 'DIFFERS'} |"
         if not a.cpu_only:
             row += " " + " | ".join(f"{v:.3f}" for v in gpu_timings(data, chunks, a.repeats).values()) + " |"
         print(row, flush=True)

@@ -180,6 +180,22 @@ def test_far_guess_engine_serves_the_most_urgent_load_a_block_at_a_time() -> Non
     assert r["loads_per_token"] == 2 / 6 and r["ms_per_token"] == (2.0 + 6 * 0.25) / 6   # two cold misses
 
 
+def test_far_guess_takes_a_guess_count_per_distance() -> None:
+    """``replay(top=(2, 0))`` guesses two experts one layer ahead and none two ahead: the same loads and time as
+    reach 1, top 2; guessing two ahead as well, on routing the guesses miss, loads more."""
+    import numpy as np
+
+    from bench.far_guess import replay
+
+    rng = np.random.default_rng(0)
+    trace = np.stack([rng.permutation(8)[:2] for _ in range(40 * 4)]).reshape(40, 4, 2)   # [T, L, k]
+    ranked = np.stack([rng.permutation(8) for _ in range(40 * 4 * 2)]).reshape(40, 4, 2, 8)   # [T, L, reach, E]
+    args = dict(total=12, c=0.25, tau=1.0, skip=4)
+    near = replay(trace, ranked, reach=1, top=2, **args)
+    assert replay(trace, ranked, reach=2, top=(2, 0), **args) == near
+    assert replay(trace, ranked, reach=2, top=(2, 2), **args)["loads_per_token"] > near["loads_per_token"]
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_code_entropy_reads_hqqs_own_codes(bits: int) -> None:
     """``bench.code_entropy.codes`` recomputes hqq's codes from its scale and zero: they must equal the W_q hqq
