@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|"]
     oracle = oracle_guesses(trace, a.reach)
     for name, slots, c, tau in cases:
-        r = replay(trace, ranked, slots, 1, 2, c, tau, a.skip, admission=True)
-        lines.append(f"| {name} + admission | 1 | 2 | {r['loads_per_token']:.1f} | {r['wrong_per_token']:.1f} | "
-                     f"{r['ms_per_token']:.1f} | {r['copy_busy']:.2f} |")
-        for tops in [tuple(int(n) for n in m.split(",")) for m in a.mixed.split(";") if m]:
+        for tops in [(2,)] + [tuple(int(n) for n in m.split(",")) for m in a.mixed.split(";") if m]:  # (2,): today's
             r = replay(trace, ranked, slots, len(tops), tops, c, tau, a.skip, admission=True)
             lines.append(f"| {name} + admission | {len(tops)} | {'/'.join(map(str, tops))} | "
                          f"{r['loads_per_token']:.1f} | {r['wrong_per_token']:.1f} | {r['ms_per_token']:.1f} | "

@@ -35,9 +35,12 @@ _BOUND = "_ZN6nvcomp8gdeflate32compressCPUGetMaxOutputChunkSizeEmPm"
 
 
 def packed_codes(nbytes: int, seed: int = 0) -> np.ndarray:
-    """``nbytes`` of 2-bit codes at hqq's level frequencies, four to a byte."""
+    """``nbytes`` of 2-bit codes at hqq's level frequencies, packed four to a byte by hqq's own packer."""
+    import torch
+    from hqq.core.bitpack import BitPack
+
     c = np.random.default_rng(seed).choice(4, size=4 * nbytes, p=LEVELS).astype(np.uint8)
-    return (c[0::4] << 6) | (c[1::4] << 4) | (c[2::4] << 2) | c[3::4]
+    return BitPack.pack_2bit_u8(torch.from_numpy(c)).numpy()
 
 
 def cpu_library() -> ctypes.CDLL:

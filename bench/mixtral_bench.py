@@ -65,7 +65,6 @@ def measure_bw(nbytes: int, device: str, copies: int = 8) -> dict[str, float]:
 def host_cpu() -> str:
     """The host's processor and core count: (c)'s eager forward is bound by the host's Python, so its speed
     varies from lease to lease with the CPU (NOTES items 84 and 87)."""
-    import os
     import platform
 
     name = platform.processor() or platform.machine()

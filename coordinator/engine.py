@@ -160,10 +160,14 @@ class Coordinator:
         slot8 = align(max(meta8_nbytes(e) for e in manifests.values()))
         if slot8 >= slot_bytes:  # small matrices: a 256-entry table outweighs their groups' fp16 meta
             return None
-        more = min(int((room - self.config.spares * slot8) // slot8), every)
+        more = min(self._slots_in(room, slot8), every)
         return (f"the budget holds {held} of {every} experts; with 8-bit scale/zero tables (workers started with "
                 f"--meta-bits 8) each is {slot8 / 1e6:.2f} MB instead of {slot_bytes / 1e6:.2f} and it would "
                 f"hold {more}")
+
+    def _slots_in(self, room: float, slot_bytes: int) -> int:
+        """Cache slots of ``slot_bytes`` that ``room`` bytes hold once the spare buffers have theirs."""
+        return int((room - self.config.spares * slot_bytes) // slot_bytes)
 
     @property
     def slots_per_layer(self) -> int:
@@ -214,12 +218,11 @@ class Coordinator:
             return [experts] * layers
         dtype = compute_dtype(mc, self.device)
         workspace = self._workspace_bytes(dtype, manifests)
-        left = budget - non_expert_bytes(self.model) - self._kv_bytes(dtype) - workspace
-        self._slot_room = left
-        left -= cfg.spares * slot_bytes
-        total = int(left // slot_bytes)
+        room = budget - non_expert_bytes(self.model) - self._kv_bytes(dtype) - workspace
+        self._slot_room = room
+        total = self._slots_in(room, slot_bytes)
         if total < layers:
-            need = (budget - left + layers * slot_bytes) / GIB
+            need = (budget - room + (cfg.spares + layers) * slot_bytes) / GIB
             raise ValueError(f"a {budget / GIB:.3f} GiB budget leaves no room for one expert per layer; "
                              f"need at least {need:.3f} GiB")
         return spread_slots(min(total, layers * experts), layers)
