@@ -20,76 +20,30 @@ import concurrent.futures as cf
 import json
 import os
 import random
-import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from client import Client, ClientError  # noqa: E402
+from deploy.server_process import ServerProcess  # noqa: E402
 
-READY = re.compile(r"serving on (\S+:\d+)")
-
-
-@dataclass
-class Proc:
-    """A server process started with ``python -m ...`` that printed its ``serving on`` line."""
-
-    args: list[str]
-    proc: subprocess.Popen[str]
-    address: str
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-
-def start(args: list[str], timeout_s: float = 300.0) -> Proc:
-    proc = subprocess.Popen([sys.executable, "-u", "-m", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.append(line)
-            if not found and (m := READY.search(line)):
-                found.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout_s) or not found:
-        proc.kill()
-        raise RuntimeError(f"{' '.join(args)} did not start:\n{''.join(log[-30:])}")
-    return Proc(args, proc, found[0], log)
-
-
-def stop(p: Proc) -> None:
-    if p.proc.poll() is None:
-        p.proc.send_signal(signal.SIGTERM)
-        try:
-            p.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            p.proc.kill()
+def start(args: list[str], timeout_s: float = 300.0) -> ServerProcess:
+    """A server with one torch thread (the 2-core machine runs several), ready to serve."""
+    return ServerProcess.start(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout_s)
 
 
 class Killer:
     """SIGKILLs a random worker every U(lo, hi) seconds and restarts it on its port right away."""
 
-    def __init__(self, workers: dict[tuple[int, int], Proc], interval: tuple[float, float], total_outage: bool,
+    def __init__(self, workers: dict[tuple[int, int], ServerProcess], interval: tuple[float, float], total_outage: bool,
                  seed: int) -> None:
         self.workers, self.interval, self.total_outage = workers, interval, total_outage
         self.rng = random.Random(seed)
@@ -131,7 +85,7 @@ class Killer:
                 new = start([*old.args[:old.args.index("--port")], "--port", str(old.port),
                              *old.args[old.args.index("--port") + 2:]])
                 break
-            except RuntimeError as e:  # e.g. the port is not free yet
+            except (RuntimeError, TimeoutError) as e:  # e.g. the port is not free yet
                 self._note(f"restart of shard {key[0]} replica {key[1]} failed, retrying: {str(e)[-200:]}")
                 time.sleep(1)
         else:
@@ -192,7 +146,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REPO.parent / "shared" / "models" / "code-moe-22m"))
     p.add_argument("--shards", type=int, default=2)
@@ -208,7 +162,11 @@ def main() -> int:
     p.add_argument("--zero-copy", action="store_true", help="let the coordinator read workers' shm directly")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the report (markdown) here")
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = _parser().parse_args()
     os.environ.setdefault("MOE_CACHE_DIR", str(REPO / ".cache" / "chaos"))
 
     from modelzoo import resolve_model
@@ -222,7 +180,7 @@ def main() -> int:
     worker_args = {(s, r): ["expert_workers", "serve", "--model", model, "--shard", f"{s}/{args.shards}",
                             "--replica", str(r), "--port", "0", "--expert-bits", str(args.expert_bits),
                             "--no-progress"] for s in range(args.shards) for r in range(args.replicas)}
-    workers: dict[tuple[int, int], Proc] = {}
+    workers: dict[tuple[int, int], ServerProcess] = {}
     coordinator = None
     killer = None
     try:
@@ -247,23 +205,15 @@ def main() -> int:
         chaos = run_load(coordinator.address, prompts, args.max_new_tokens, args.clients, "chaos")
         chaos_s = time.monotonic() - t0
         killer.finish()
-        with Client(coordinator.address) as c:
-            deadline = time.monotonic() + 15  # let the coordinator notice the last restarts
-            while True:
-                after = c.stats()
-                gone = after.get("source_replicas_gone", 0) - before.get("source_replicas_gone", 0)
-                back = after.get("source_revivals", 0) - before.get("source_revivals", 0)
-                if back >= gone or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
+        after = _settled_stats(coordinator.address, before)
         report = render(args, model, baseline, chaos, base_s, chaos_s, killer, before, after)
     finally:
         if killer is not None:
             killer.finish()
         if coordinator is not None:
-            stop(coordinator)
+            coordinator.stop()
         for w in workers.values():
-            stop(w)
+            w.stop()
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -271,6 +221,19 @@ def main() -> int:
     chaos_ok = sum(o.tokens is not None for o in chaos)
     differ = sum(o.tokens is not None and o.tokens != b.tokens for o, b in zip(chaos, baseline))
     return 0 if differ == 0 and (args.allow_total_outage or chaos_ok == len(chaos)) else 1
+
+
+def _settled_stats(address: str, before: dict[str, float], wait_s: float = 15.0) -> dict[str, float]:
+    """The coordinator's stats once it has seen every killed replica come back (or after ``wait_s``)."""
+    with Client(address) as c:
+        deadline = time.monotonic() + wait_s
+        while True:
+            after = c.stats()
+            gone = after.get("source_replicas_gone", 0) - before.get("source_replicas_gone", 0)
+            back = after.get("source_revivals", 0) - before.get("source_revivals", 0)
+            if back >= gone or time.monotonic() > deadline:
+                return after
+            time.sleep(0.5)
 
 
 def render(args: argparse.Namespace, model: str, baseline: list[Outcome], chaos: list[Outcome], base_s: float,

@@ -3,7 +3,10 @@
 A worker would compress an expert's packed codes once on its CPU (nvCOMP's ``libnvcomp_cpu``, libdeflate
 inside), the copy would move ~0.81 of the bytes, and the GPU would decode them into the slot (nvCOMP's batched
 GDeflate kernels). It pays only if the decode, on the critical path, costs less than the copy it saves
-(~0.15 ms an expert at 55 GB/s). This probe measures both halves:
+(~0.15 ms an expert at 55 GB/s). This probe measures both halves. On the GPU it adds a row for nvCOMP's ANS
+(rANS over bytes: entropy coding without GDeflate's LZ stage, which finds nothing in i.i.d. codes), whose
+decoder may be faster; it has no CPU encoder, so the GPU encodes it there, and using it would mean encoding
+on the coordinator's GPU rather than on the workers.
 
     make gpu-nvcomp          # here (PyPI): the CUDA 13 wheels unpacked into .gpu/nvcomp, ~28 MB
     python -m bench.gdeflate_probe --cpu-only          # here: ratio and CPU round trip, byte-exact
@@ -92,7 +95,25 @@ ALIGN_IN = 16
 """Compressed chunks sit at 16-byte offsets (nvCOMP: "if in doubt, use 16B alignment")."""
 
 
-def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int, parts: int = 8) -> dict[str, float]:
+def gpu_encode(data: np.ndarray, algorithm: str = "ANS") -> list[np.ndarray]:
+    """``data`` in CHUNK-byte chunks, each encoded by nvCOMP on the GPU and brought back to the host: for
+    codecs with no CPU encoder in ``libnvcomp_cpu`` (ANS: rANS over bytes, entropy only, no LZ matching)."""
+    import torch
+    from nvidia import nvcomp
+
+    codec = nvcomp.Codec(algorithm=algorithm, bitstream_kind=nvcomp.BitstreamKind.RAW)
+    n = -(-data.size // CHUNK)
+    src = torch.from_numpy(data).cuda()
+    torch.cuda.synchronize()  # the codec runs on its own stream
+    enc = codec.encode(nvcomp.as_arrays(src, [i * CHUNK for i in range(n)],
+                                        [min(CHUNK, data.size - i * CHUNK) for i in range(n)]))
+    sizes = enc.buffer_sizes  # waits for the encode
+    return [torch.utils.dlpack.from_dlpack(enc[i].to_dlpack()).view(torch.uint8).reshape(-1)[:sizes[i]].cpu().numpy()
+            for i in range(n)]
+
+
+def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int, parts: int = 8,
+                algorithm: str = "GDeflate") -> dict[str, float]:
     """ms for: the plain copy of ``data``; the copy of the compressed chunks; their GPU decode; both
     pipelined (each of ``parts`` pieces decoded on the compute stream as soon as its copy lands)."""
     import torch
@@ -110,7 +131,7 @@ def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int, parts:
     out = torch.empty(data.size, dtype=torch.uint8, device=dev)
     copy, compute = torch.cuda.Stream(), torch.cuda.current_stream()
     stream = compute.cuda_stream
-    codec = nvcomp.Codec(algorithm="GDeflate", bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=stream)
+    codec = nvcomp.Codec(algorithm=algorithm, bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=stream)
     step = -(-len(chunks) // parts)
     pieces = []  # (first chunk, end chunk, compressed batch, output batch) per piece, built once
     for lo in range(0, len(chunks), step):
@@ -155,7 +176,7 @@ def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int, parts:
     decode(*whole)
     torch.cuda.synchronize()
     if not torch.equal(out.cpu(), torch.from_numpy(data)):
-        raise RuntimeError("GDeflate GPU decode differs from the codes")
+        raise RuntimeError(f"{algorithm} GPU decode differs from the codes")
     return {"copy_plain_ms": timed(lambda: d_plain.copy_(plain, non_blocking=True)),
             "copy_compressed_ms": timed(lambda: d_packed.copy_(packed, non_blocking=True)),
             "decode_ms": timed(lambda: decode(*whole)),
@@ -169,6 +190,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--cpu-only", action="store_true")
+    p.add_argument("--ans", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the GPU, also nvCOMP's ANS (encoded there: it has no CPU encoder)")
     a = p.parse_args()
     data = packed_codes(a.bytes)
     header = "| level | compressed / packed | CPU compress MB/s | CPU decode MB/s, one thread | round trip |" + (
@@ -187,7 +210,21 @@ def main() -> int:
         if not a.cpu_only:
             row += " " + " | ".join(f"{v:.3f}" for v in gpu_timings(data, chunks, a.repeats).values()) + " |"
         print(row, flush=True)
+    if a.ans and not a.cpu_only:
+        print(ans_row(data, a.repeats), flush=True)
     return 0
+
+
+def ans_row(data: np.ndarray, repeats: int) -> str:
+    """The table's row for nvCOMP's ANS, encoded and decoded on the GPU; an error is a row too, so that the
+    GDeflate rows printed before it are not lost."""
+    try:
+        chunks = gpu_encode(data, "ANS")
+        ratio = sum(c.size for c in chunks) / data.size
+        times = gpu_timings(data, chunks, repeats, algorithm="ANS")  # raises if the decode differs
+        return f"| ANS (GPU encode) | {ratio:.4f} | - | - | exact | " + " | ".join(f"{v:.3f}" for v in times.values()) + " |"
+    except Exception as e:  # noqa: BLE001 - a probe: report and go on
+        return f"| ANS (GPU encode) | error: {type(e).__name__}: {str(e)[:200]} |"
 
 
 if __name__ == "__main__":

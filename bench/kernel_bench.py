@@ -8,6 +8,7 @@ medians of CUDA-event timed runs rotating over distinct expert buffers (more tha
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -92,16 +93,38 @@ def _gemlite_expert(buf: torch.Tensor, man: ExpertManifest) -> tuple[list[Any], 
 def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
         tpl3: list[tuple[np.ndarray, ExpertManifest]] | None, device: str, log: Callable[[str], None]
         ) -> dict[str, Any]:
+    """Every 2-bit path's error against hqq, then its time (one expert and a layer's two, batch 1), the
+    launch-shape sweeps whose winners are installed for the runs after them, gemlite, the 4-bit attention
+    projection; then the 3-bit paths (``run3``)."""
     res: dict[str, Any] = {}
-    H, I = shape.hidden, shape.inter
     man = tpl2[0][1]
     lay = gk.layout_of(man)
     nrot = 8                                                         # 8 × 55 MB ≫ 60 MB L2
     bufs = [torch.from_numpy(tpl2[i % len(tpl2)][0]).to(device) for i in range(nrot)]
     slab = torch.stack([torch.nn.functional.pad(b, (0, (-b.numel()) % 4096)) for b in bufs])
+    res["rel_err_vs_hqq"] = _errors(shape.hidden, bufs, slab, man, lay, device)
+    log(f"kernel rel error vs hqq dequantize+matmul: {res['rel_err_vs_hqq']}")
+    x = torch.randn(1, shape.hidden, device=device, dtype=torch.float16)   # timings: batch 1, fp16 activations
+    t: dict[str, float] = {}
+    best_t = _expert_timings(x, shape.inter, bufs, slab, man, lay, t, res, log)
+    _gemlite_timing(x, bufs, man, t, res, log)
+    _linear4_timing(shape.hidden, device, t, res, log)
+    if tpl3:
+        res["bits3"] = run3(shape, tpl3, device, log)
+    res["ms"] = t
+    res["expert_bytes_2bit"] = man.nbytes
+    res["effective_GBps_2experts_graph"] = 2 * man.nbytes / (best_t * 1e-3) / 1e9
+    del bufs, slab
+    torch.cuda.empty_cache()
+    return res
 
-    # ---- correctness (fresh random inputs each check)
-    errs = {}
+
+def _errors(H: int, bufs: list[torch.Tensor], slab: torch.Tensor, man: ExpertManifest, lay: gk.PackedLayout,
+            device: str) -> dict[str, float]:
+    """Worst relative error against hqq's dequantize + matmul of one expert (batch 1 and 3) and of a layer's
+    two, per activation dtype, over fresh random inputs."""
+    errs: dict[str, list[float]] = {}
+    nrot = len(bufs)
     for dt in (torch.float16, torch.bfloat16):
         for trial in range(3):
             x = torch.randn(1, H, device=device, dtype=dt)
@@ -115,12 +138,16 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
             x4 = torch.randn(3, H, device=device, dtype=dt)
             y4 = gk.expert_ffn(x4, bufs[j], man)
             errs.setdefault(str(dt), []).append(max(rel(y1, ref), rel(y2, ref2), rel(y4, reference(x4, bufs[j], man))))
-    res["rel_err_vs_hqq"] = {k: max(v) for k, v in errs.items()}
-    log(f"kernel rel error vs hqq dequantize+matmul: {res['rel_err_vs_hqq']}")
+    return {k: max(v) for k, v in errs.items()}
 
-    # ---- timings, one expert, batch 1, fp16 activations
-    x = torch.randn(1, H, device=device, dtype=torch.float16)
-    t: dict[str, float] = {}
+
+def _expert_timings(x: torch.Tensor, I: int, bufs: list[torch.Tensor], slab: torch.Tensor, man: ExpertManifest,
+                    lay: gk.PackedLayout, t: dict[str, float], res: dict[str, Any],
+                    log: Callable[[str], None]) -> float:
+    """Into ``t``: bf16 dense, hqq, dequantize + cuBLAS, our GEMV for one expert and two (eager, graphed); then
+    the launch-shape sweep (graphed, 2 experts: gate-up first, then down), whose winner is installed. Returns
+    the tuned time of two experts."""
+    H, nrot, device = x.shape[1], len(bufs), x.device
     dense = [(torch.randn(I, H, device=device, dtype=torch.bfloat16), torch.randn(I, H, device=device, dtype=torch.bfloat16),
               torch.randn(H, I, device=device, dtype=torch.bfloat16)) for _ in range(2)]
     xb = x.to(torch.bfloat16)
@@ -135,8 +162,6 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
     t["ours_moe_2experts_eager"] = timeit(lambda i: gk.moe_ffn(x, slab, slots2[i], w2, lay), nrot)
     sl = slots2[0].clone()
     t["ours_moe_2experts_graph"] = graph_time(lambda: gk.moe_ffn(x, slab, sl, w2, lay))
-
-    # ---- launch-shape sweep (graphed, 2 experts): gate-up first, then down
     C = gk.GemvConfig
     W = True  # W_q read by int32 words (GemvConfig.words)
     gu_cands = [C(8, 2, 1, 4, 4), C(8, 4, 1, 4, 3, W), C(8, 8, 1, 4, 3, W), C(16, 4, 1, 4, 3, W), C(4, 8, 1, 4, 3, W),
@@ -151,11 +176,15 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
     t["ours_moe_2experts_graph_tuned"] = best_t
     t["ours_expert_ffn_eager_tuned"] = timeit(lambda i: gk.expert_ffn(x, bufs[i], man), nrot)
     log(f"tuned: gate_up={best_gu} down={best_dn}: {best_t:.4f} ms for 2 experts (graph)")
+    return best_t
 
-    # ---- gemlite from our hqq views (repack cost + forward)
+
+def _gemlite_timing(x: torch.Tensor, bufs: list[torch.Tensor], man: ExpertManifest, t: dict[str, float],
+                    res: dict[str, Any], log: Callable[[str], None]) -> None:
+    """gemlite's A16Wn built from our hqq views: the repack's cost, one expert's time, its error; gemlite is a
+    reference point only, so a failure is recorded, not raised."""
     try:
         import gemlite
-        import os
         cfg = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
         if os.path.exists(cfg):
             gemlite.load_config(cfg)
@@ -170,12 +199,17 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
         t["gemlite_expert_ffn"] = timeit(gl_ffn, 2)
         res["gemlite_rel_err_vs_hqq"] = rel(gl_ffn(0), reference(x, bufs[0], man))
         del gl, builds
-    except Exception as e:  # gemlite is a reference point only; report why it is missing
+    except Exception as e:  # noqa: BLE001 - report why it is missing
         res["gemlite_error"] = f"{type(e).__name__}: {e}"
         log(f"gemlite failed: {res['gemlite_error']}")
 
-    # ---- 4-bit attention projection (qkv fused 6144x4096) vs bf16
+
+def _linear4_timing(H: int, device: str, t: dict[str, float], res: dict[str, Any],
+                    log: Callable[[str], None]) -> None:
+    """The 4-bit attention projection (qkv fused, 6144 x H) against bf16, with its launch-shape sweep, whose
+    winner is installed."""
     from bench.synth import quantized_random
+    C, W = gk.GemvConfig, True
     pm = quantized_random(6144, H, 4, device, 7)
     xb1 = torch.randn(1, H, device=device, dtype=torch.bfloat16)
     wd = torch.randn(6144, H, device=device, dtype=torch.bfloat16)
@@ -194,15 +228,6 @@ def run(shape: ModelShape, tpl2: list[tuple[np.ndarray, ExpertManifest]],
     res["qkv_4bit_rel_err"] = rel(gk.packed_linear(xb1, pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64),
                                   F.linear(xb1.float(), gk.dequantize(pm.w_q, pm.scale, pm.zero, pm.shape, 4, 64,
                                                                       "4bit_u8", torch.float32)))
-
-    if tpl3:
-        res["bits3"] = run3(shape, tpl3, device, log)
-    res["ms"] = t
-    res["expert_bytes_2bit"] = man.nbytes
-    res["effective_GBps_2experts_graph"] = 2 * man.nbytes / (best_t * 1e-3) / 1e9
-    del bufs, slab
-    torch.cuda.empty_cache()
-    return res
 
 
 def _sweep(time2: Callable[[gk.GemvConfig, gk.GemvConfig], float], gu_cands: list[gk.GemvConfig],

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from deploy.server_process import ServerProcess
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MODELS = REPO.parent / "shared" / "models"
-READY = re.compile(r"serving on (\S+:\d+)")
 
 # Ray must never bind the machine's external interface in tests.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -225,58 +219,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     return GroupScheduling(config, log)
 
 
-@dataclass
-class ServerProcess:
-    """A server started with ``--port 0``; ``address`` is what it printed once ready."""
-
-    proc: subprocess.Popen[str]
-    address: str
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-
 def start_server(args: Sequence[str], timeout: float = 180.0, env: dict[str, str] | None = None) -> ServerProcess:
-    """Runs ``python -m <args>`` and waits for its ``serving on HOST:PORT`` line (output is echoed to the
-    test log). Raises with the process output if it exits or times out first."""
-    cmd = [sys.executable, "-u", "-m", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
-    lines: list[str] = []
-    found: list[str] = []
-    done = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if not found and (m := READY.search(line)):
-                found.append(m.group(1))
-                done.set()
-        done.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not done.wait(0.2):
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"{' '.join(args)} not ready in {timeout}s:\n{''.join(lines)}")
-    if not found:
-        proc.wait(10)
-        raise RuntimeError(f"{' '.join(args)} exited ({proc.returncode}) before serving:\n{''.join(lines)}")
-    return ServerProcess(proc, found[0], lines)
+    """Runs ``python -m <args>`` with ``env`` over this process's environment and waits for its ``serving on
+    HOST:PORT`` line. Raises with the process output if it exits or times out first."""
+    return ServerProcess.start(args, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture

@@ -320,3 +320,24 @@ def test_mismatched_workers_and_bad_cli_arguments(tiny_ckpt: Path, tiny_workers:
         for (_, message), r in zip(cases, refused):
             assert r.returncode == 2 and message in r.stderr, r.stderr
     shutil.rmtree(not_mixtral)
+
+
+def test_server_process_reports_a_server_that_never_serves(tmp_path: Path) -> None:
+    """``ServerProcess.start``, how the tests and benchmarks start every server: a process that exits before
+    serving raises at once with its own error line (also in the log file it was given); one that neither serves
+    nor exits raises TimeoutError and is killed."""
+    log = tmp_path / "worker.log"
+    with pytest.raises(RuntimeError, match=r"exited \(2\) before serving:\n.*neither a checkpoint directory"):
+        ServerProcess.start(["expert_workers", "serve", "--model", str(tmp_path / "missing"), "--shard", "0/1",
+                             "--port", "0"], timeout=120, log_path=log)
+    assert "neither a checkpoint directory" in log.read_text()
+    started: list[ServerProcess] = []
+
+    class Kept(ServerProcess):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    with pytest.raises(TimeoutError, match="not ready in 1s"):
+        Kept.start(["timeit", "-n", "1", "import time; time.sleep(60)"], timeout=1)
+    assert started[0].proc.poll() is not None  # killed, not left running
