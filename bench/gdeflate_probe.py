@@ -24,6 +24,7 @@ import ctypes
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -112,6 +113,17 @@ def gpu_encode(data: np.ndarray, algorithm: str = "ANS") -> list[np.ndarray]:
             for i in range(n)]
 
 
+def packed_chunks(chunks: list[np.ndarray]) -> tuple[list[int], np.ndarray]:
+    """The chunks back to back at ALIGN_IN-byte offsets in one host buffer: (offsets, with the end last; buffer)."""
+    offsets = [0]
+    for c in chunks:
+        offsets.append(-(-(offsets[-1] + c.size) // ALIGN_IN) * ALIGN_IN)
+    host = np.zeros(offsets[-1], np.uint8)
+    for c, o in zip(chunks, offsets):
+        host[o:o + c.size] = c
+    return offsets, host
+
+
 def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int, parts: int = 8,
                 algorithm: str = "GDeflate") -> dict[str, float]:
     """ms for: the plain copy of ``data``; the copy of the compressed chunks; their GPU decode; both
@@ -120,29 +132,24 @@ def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int, parts:
     from nvidia import nvcomp
 
     dev = torch.device("cuda")
-    offsets = [0]
-    for c in chunks:
-        offsets.append(-(-(offsets[-1] + c.size) // ALIGN_IN) * ALIGN_IN)
-    host = np.zeros(offsets[-1], np.uint8)
-    for c, o in zip(chunks, offsets):
-        host[o:o + c.size] = c
+    offsets, host = packed_chunks(chunks)
     plain, packed = torch.from_numpy(data).pin_memory(), torch.from_numpy(host).pin_memory()
     d_plain, d_packed = torch.empty_like(plain, device=dev), torch.empty_like(packed, device=dev)
     out = torch.empty(data.size, dtype=torch.uint8, device=dev)
     copy, compute = torch.cuda.Stream(), torch.cuda.current_stream()
     stream = compute.cuda_stream
     codec = nvcomp.Codec(algorithm=algorithm, bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=stream)
+
+    def batches(lo: int, hi: int) -> tuple[Any, Any]:  # chunks lo..hi-1: compressed in d_packed, decoded in out
+        sizes = [c.size for c in chunks[lo:hi]]
+        return (nvcomp.as_arrays(d_packed, offsets[lo:hi], sizes, cuda_stream=stream),
+                nvcomp.as_arrays(out, [i * CHUNK for i in range(lo, hi)],
+                                 [min(CHUNK, data.size - i * CHUNK) for i in range(lo, hi)], cuda_stream=stream))
+
     step = -(-len(chunks) // parts)
-    pieces = []  # (first chunk, end chunk, compressed batch, output batch) per piece, built once
-    for lo in range(0, len(chunks), step):
-        hi = min(lo + step, len(chunks))
-        srcs = nvcomp.as_arrays(d_packed, offsets[lo:hi], [c.size for c in chunks[lo:hi]], cuda_stream=stream)
-        outs = nvcomp.as_arrays(out, [i * CHUNK for i in range(lo, hi)],
-                                [min(CHUNK, data.size - i * CHUNK) for i in range(lo, hi)], cuda_stream=stream)
-        pieces.append((lo, hi, srcs, outs))
-    whole = (nvcomp.as_arrays(d_packed, offsets[:-1], [c.size for c in chunks], cuda_stream=stream),
-             nvcomp.as_arrays(out, [i * CHUNK for i in range(len(chunks))],
-                              [min(CHUNK, data.size - i * CHUNK) for i in range(len(chunks))], cuda_stream=stream))
+    pieces = [(lo, min(lo + step, len(chunks)), *batches(lo, min(lo + step, len(chunks))))
+              for lo in range(0, len(chunks), step)]  # (first chunk, end chunk, compressed, output), built once
+    whole = batches(0, len(chunks))
 
     def timed(fn) -> float:  # type: ignore[no-untyped-def]
         fn()
