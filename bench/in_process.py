@@ -34,43 +34,49 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
     if cuda:
         torch.cuda.synchronize()
     base = torch.cuda.memory_allocated() if cuda else 0
-    co = Coordinator(ckpt, src, CoordinatorConfig(device="cuda" if cuda else "cpu", gpu_memory_gb=cap * 1e9 / 2**30,
-                                                  max_seq_len=512, prefetch=0, fetch_workers=8, decode="transformers",
-                                                  repartition_every=0, eviction="lru"))
-    gen = torch.Generator().manual_seed(4321)
-    stream = torch.randint(0, co.vocab_size, (args.warmup + n,), generator=gen).tolist()
-    try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            kv = co.new_kv_cache()
-            co.step(prompt, kv)
-            _timed_steps(co, kv, stream[:args.warmup])
-            before = co.runner.stats()
-            ms = _timed_steps(co, kv, stream[args.warmup:])
-            after = co.runner.stats()
-        d = {k: after[k] - before[k] for k in ("expert_uses", "cache_hits", "cache_misses", "bytes_fetched")}
-        k = sum(co.cache.layer_slots) / len(co.cache.layer_slots)
-        row = {"variant": name, "bits": bits, "cap_gb": cap, "k": k, "tokens": n, "graphs": False,
-               "expert_bytes": expert_bytes, "ms_per_token": ms, "tokens_per_s": 1e3 / ms, **d,
-               "hit_rate": d["cache_hits"] / d["expert_uses"] if d["expert_uses"] else 0.0,
-               "prefetch_recall": None, "bytes_per_token": d["bytes_fetched"] / n,
+    co = None
+    try:  # a cap with no room for the slots is a failed row too, not the end of the table
+        co = Coordinator(ckpt, src, CoordinatorConfig(
+            device="cuda" if cuda else "cpu", gpu_memory_gb=cap * 1e9 / 2**30, max_seq_len=512, prefetch=0,
+            fetch_workers=8, decode="transformers", repartition_every=0, eviction="lru"))
+        row = {"variant": name, "bits": bits, "cap_gb": cap, **_lru_timing(co, prompt, args.warmup, n),
+               "expert_bytes": expert_bytes,
                "vram_peak_bytes": (torch.cuda.max_memory_allocated() - base if cuda else 0) + ctx_bytes,
-               "vram_note": "peak allocated by this coordinator (above the bench loop's own) + CUDA context",
-               "token_ids": []}
+               "vram_note": "peak allocated by this coordinator (above the bench loop's own) + CUDA context"}
         rows.append(row)
-        log(f"{name:28s} bits={bits} cap={cap} k={row['k']}: {row['tokens_per_s']:.2f} tok/s ({ms:.2f} ms/token) "
-            f"hit={row['hit_rate']:.3f} MB/token={row['bytes_per_token'] / 1e6:.1f} "
-            f"vram={row['vram_peak_bytes'] / 1e9:.2f} GB")
+        log(f"{name:28s} bits={bits} cap={cap} k={row['k']}: {row['tokens_per_s']:.2f} tok/s "
+            f"({row['ms_per_token']:.2f} ms/token) hit={row['hit_rate']:.3f} "
+            f"MB/token={row['bytes_per_token'] / 1e6:.1f} vram={row['vram_peak_bytes'] / 1e9:.2f} GB")
     except Exception as e:  # noqa: BLE001 - record the failure, keep the other runs
         rows.append({"variant": name, "bits": bits, "cap_gb": cap, "skipped": f"error: {e}"[:300]})
         log(f"{name} cap={cap} failed: {e}")
     finally:
-        co.close()
+        if co is not None:
+            co.close()
         src.close()
         del co
         if cuda:
             torch.cuda.empty_cache()
+
+
+def _lru_timing(co: Any, prompt: list[int], warmup: int, n: int) -> dict[str, Any]:
+    """(c)'s measured part of a row: ``prompt``, ``warmup`` steps, then ``n`` timed steps teacher-forced from
+    a fixed random stream, with the cache's counters over the timed ones."""
+    stream = torch.randint(0, co.vocab_size, (warmup + n,), generator=torch.Generator().manual_seed(4321)).tolist()
+    if co.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        kv = co.new_kv_cache()
+        co.step(prompt, kv)
+        _timed_steps(co, kv, stream[:warmup])
+        before = co.runner.stats()
+        ms = _timed_steps(co, kv, stream[warmup:])
+        after = co.runner.stats()
+    d = {k: after[k] - before[k] for k in ("expert_uses", "cache_hits", "cache_misses", "bytes_fetched")}
+    return {"k": sum(co.cache.layer_slots) / len(co.cache.layer_slots), "tokens": n, "graphs": False,
+            "ms_per_token": ms, "tokens_per_s": 1e3 / ms, **d,
+            "hit_rate": d["cache_hits"] / d["expert_uses"] if d["expert_uses"] else 0.0,
+            "prefetch_recall": None, "bytes_per_token": d["bytes_fetched"] / n, "token_ids": []}
 
 
 def profile_coordinator(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any,

@@ -276,16 +276,24 @@ def _coordinator_run(cmd: list[str], log_path: Path, env: dict[str, str], prompt
         coord = ServerProcess.start(cmd, env=env, timeout=300, log_path=log_path)
     except (RuntimeError, TimeoutError) as e:
         log(f"{log_path.stem} did not start:\n" + _tail(log_path))
-        return {"error": f"error: {e}"}
+        return _error(e)
     try:
         up = time.perf_counter() - t1
         stats, wall = _run_requests(coord.address, prompt, args.warmup, n, args.sys_requests)
         return {"stats": stats, "wall": wall, "up": up}
     except Exception as e:  # noqa: BLE001 - record the failure, keep the other runs
         log(f"{log_path.stem} failed: {e}\n" + _tail(log_path))
-        return {"error": f"error: {e}"}
+        return _error(e)
     finally:
         coord.stop(timeout=8)
+
+
+def _error(e: BaseException) -> Row:
+    """A failed run's reason for its row, on one line (a cell of the markdown table): the message's last line,
+    which says why (a server's startup error ends with its own last line of output; all of it is in the log)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+    last = lines[-1].removeprefix("error: ")
+    return {"error": "error: " + ("... " if len(lines) > 1 else "") + last[-280:]}
 
 
 def _row_of(run: Row, name: str, bits: int, cap: float, shape: ModelShape, expert_bytes: int,
