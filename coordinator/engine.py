@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -222,7 +223,9 @@ class Coordinator:
         self._slot_room = room
         total = self._slots_in(room, slot_bytes)
         if total < layers:
-            need = (budget - room + (cfg.spares + layers) * slot_bytes) / GIB
+            # rounded up: the figure printed is enough (rounded to nearest, a tiny model's need read the same
+            # as the budget it refused)
+            need = math.ceil((budget - room + (cfg.spares + layers) * slot_bytes) / GIB * 1000) / 1000
             raise ValueError(f"a {budget / GIB:.3f} GiB budget leaves no room for one expert per layer; "
                              f"need at least {need:.3f} GiB")
         return spread_slots(min(total, layers * experts), layers)

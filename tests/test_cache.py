@@ -4,6 +4,7 @@ up), memory-budget sizing, and prefetch recall on the trained code-moe-22m."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,8 +272,12 @@ def test_memory_budget_sets_k(tiny_ckpt: Path, tiny_source: ExpertSource) -> Non
         assert engine.cap_device_memory() is None  # the CPU's memory is the host's: nothing to cap
         engine.close()
     assert 1 <= sizes[0] < sizes[1] <= 8
-    with pytest.raises(ValueError, match="no room for one expert per layer"):
+    with pytest.raises(ValueError, match="no room for one expert per layer") as refused:
         Coordinator(tiny_ckpt, tiny_source, CoordinatorConfig(attn_bits=16, gpu_memory_gb=0.0001))
+    need = float(re.search(r"need at least ([0-9.]+) GiB", str(refused.value)).group(1))  # type: ignore[union-attr]
+    engine = Coordinator(tiny_ckpt, tiny_source, CoordinatorConfig(attn_bits=16, gpu_memory_gb=need))
+    assert engine.slots_per_layer >= 1  # the minimum it names is enough
+    engine.close()
 
 
 def test_a_partial_budget_says_what_8bit_tables_would_hold(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
