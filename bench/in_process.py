@@ -172,5 +172,3 @@ def _timed_steps(co: Any, kv: Any, tokens: list[int]) -> float:
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3 / len(tokens)
-
-

@@ -41,9 +41,10 @@ class ServerProcess:
         bench does not reach it) with ``env`` (default: this process's), and waits for its address. Raises
         TimeoutError (the process killed) if none comes in ``timeout`` s, RuntimeError if it exits first; both
         with its output."""
+        log = open(log_path, "w") if log_path is not None else None  # before the process: no orphan if it fails
         proc = subprocess.Popen([sys.executable, "-u", "-m", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        server = cls(args, proc, open(log_path, "w") if log_path is not None else None)
+        server = cls(args, proc, log)
         deadline = time.monotonic() + timeout
         while not server._ready.wait(0.2):
             if time.monotonic() > deadline:
@@ -88,4 +89,3 @@ class ServerProcess:
                 self.proc.wait(10)
         self._pumping.join(5)  # its last lines into ``lines`` and the log
         return self.proc.returncode
-

@@ -28,8 +28,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[t
     cmd = [sys.executable, "-m", "bench.mixtral_bench", "--shape", "tiny", "--variants", "", "--caps3", "",
            "--caps", f"{TIGHT},{ROOMY},{NONE}", "--new-tokens", "6", "--grpc-tokens", "3", "--warmup", "1",
            "--sys-requests", "2", "--out", str(out / "results"), "--tag", "t", "--work", str(out / "work")]
-    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}, capture_output=True,
-                          text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}  # the interpreter: no GPU here
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     found = json.loads(next((out / "results").glob("*-t.json")).read_text())
     found["markdown"] = next((out / "results").glob("*-t.md")).read_text()
