@@ -96,6 +96,13 @@ ALIGN_IN = 16
 """Compressed chunks sit at 16-byte offsets (nvCOMP: "if in doubt, use 16B alignment")."""
 
 
+def chunk_spans(nbytes: int, lo: int = 0, hi: int | None = None) -> tuple[list[int], list[int]]:
+    """(offsets, sizes) of CHUNK-byte chunks lo..hi-1 of ``nbytes`` (all of them by default; the last may be
+    short)."""
+    chunks = range(lo, -(-nbytes // CHUNK) if hi is None else hi)
+    return [i * CHUNK for i in chunks], [min(CHUNK, nbytes - i * CHUNK) for i in chunks]
+
+
 def gpu_encode(data: np.ndarray, algorithm: str = "ANS") -> list[np.ndarray]:
     """``data`` in CHUNK-byte chunks, each encoded by nvCOMP on the GPU and brought back to the host: for
     codecs with no CPU encoder in ``libnvcomp_cpu`` (ANS: rANS over bytes, entropy only, no LZ matching)."""
@@ -103,14 +110,12 @@ def gpu_encode(data: np.ndarray, algorithm: str = "ANS") -> list[np.ndarray]:
     from nvidia import nvcomp
 
     codec = nvcomp.Codec(algorithm=algorithm, bitstream_kind=nvcomp.BitstreamKind.RAW)
-    n = -(-data.size // CHUNK)
     src = torch.from_numpy(data).cuda()
     torch.cuda.synchronize()  # the codec runs on its own stream
-    enc = codec.encode(nvcomp.as_arrays(src, [i * CHUNK for i in range(n)],
-                                        [min(CHUNK, data.size - i * CHUNK) for i in range(n)]))
+    enc = codec.encode(nvcomp.as_arrays(src, *chunk_spans(data.size)))
     sizes = enc.buffer_sizes  # waits for the encode
-    return [torch.utils.dlpack.from_dlpack(enc[i].to_dlpack()).view(torch.uint8).reshape(-1)[:sizes[i]].cpu().numpy()
-            for i in range(n)]
+    return [torch.utils.dlpack.from_dlpack(enc[i].to_dlpack()).view(torch.uint8).reshape(-1)[:n].cpu().numpy()
+            for i, n in enumerate(sizes)]
 
 
 def packed_chunks(chunks: list[np.ndarray]) -> tuple[list[int], np.ndarray]:
@@ -141,10 +146,8 @@ def gpu_timings(data: np.ndarray, chunks: list[np.ndarray], repeats: int, parts:
     codec = nvcomp.Codec(algorithm=algorithm, bitstream_kind=nvcomp.BitstreamKind.RAW, cuda_stream=stream)
 
     def batches(lo: int, hi: int) -> tuple[Any, Any]:  # chunks lo..hi-1: compressed in d_packed, decoded in out
-        sizes = [c.size for c in chunks[lo:hi]]
-        return (nvcomp.as_arrays(d_packed, offsets[lo:hi], sizes, cuda_stream=stream),
-                nvcomp.as_arrays(out, [i * CHUNK for i in range(lo, hi)],
-                                 [min(CHUNK, data.size - i * CHUNK) for i in range(lo, hi)], cuda_stream=stream))
+        return (nvcomp.as_arrays(d_packed, offsets[lo:hi], [c.size for c in chunks[lo:hi]], cuda_stream=stream),
+                nvcomp.as_arrays(out, *chunk_spans(data.size, lo, hi), cuda_stream=stream))
 
     step = -(-len(chunks) // parts)
     pieces = [(lo, min(lo + step, len(chunks)), *batches(lo, min(lo + step, len(chunks))))
@@ -215,7 +218,7 @@ def main() -> int:
         ratio = sum(c.size for c in chunks) / data.size
         row = f"| {level} | {ratio:.4f} | {rate:.0f} | {decode_rate:.0f} | {'exact' if ok else 'DIFFERS'} |"
         if not a.cpu_only:
-            row += " " + " | ".join(f"{v:.3f}" for v in gpu_timings(data, chunks, a.repeats).values()) + " |"
+            row += f" {_cells(gpu_timings(data, chunks, a.repeats))} |"
         print(row, flush=True)
     if a.ans and not a.cpu_only:
         print(ans_row(data, a.repeats), flush=True)
@@ -229,10 +232,13 @@ def ans_row(data: np.ndarray, repeats: int) -> str:
         chunks = gpu_encode(data, "ANS")
         ratio = sum(c.size for c in chunks) / data.size
         times = gpu_timings(data, chunks, repeats, algorithm="ANS")  # raises if the decode differs
-        cells = " | ".join(f"{v:.3f}" for v in times.values())
-        return f"| ANS (GPU encode) | {ratio:.4f} | - | - | exact | {cells} |"
+        return f"| ANS (GPU encode) | {ratio:.4f} | - | - | exact | {_cells(times)} |"
     except Exception as e:  # noqa: BLE001 - a probe: report and go on
         return f"| ANS (GPU encode) | error: {type(e).__name__}: {str(e)[:200]} |"
+
+
+def _cells(times: dict[str, float]) -> str:
+    return " | ".join(f"{v:.3f}" for v in times.values())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import torch
 
+from bench import report
+
 
 def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args: Any, ctx_bytes: int,
                      log: Callable[[str], None], over_budget: Callable[[float], bool], rows: list[dict[str, Any]],
@@ -27,7 +29,7 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
 
     name, n = "c_offloading_eager", max(16, args.new_tokens // 2)
     if over_budget(40 + n * 0.08):
-        rows.append({"variant": name, "bits": bits, "cap_gb": cap, "skipped": "time budget"})
+        rows.append(report.skipped(name, bits, cap, "time budget"))
         return
     src = RemoteSource(addrs.split(","))
     cuda = args.device.startswith("cuda")
@@ -48,7 +50,7 @@ def offloading_eager(ckpt: Path, addrs: str, cap: float, prompt: list[int], args
             f"({row['ms_per_token']:.2f} ms/token) hit={row['hit_rate']:.3f} "
             f"MB/token={row['bytes_per_token'] / 1e6:.1f} vram={row['vram_peak_bytes'] / 1e9:.2f} GB")
     except Exception as e:  # noqa: BLE001 - record the failure, keep the other runs
-        rows.append({"variant": name, "bits": bits, "cap_gb": cap, "skipped": f"error: {e}"[:300]})
+        rows.append(report.skipped(name, bits, cap, e))
         log(f"{name} cap={cap} failed: {e}")
     finally:
         if co is not None:

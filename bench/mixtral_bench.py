@@ -133,7 +133,7 @@ class Runner:
             n_tokens: int, graphs: bool, est_s: float = 10.0) -> dict[str, Any] | None:
         if self.over_budget(est_s):
             log(f"SKIP {label}: time budget")
-            self.rows.append({"variant": label, "bits": bits, "cap_gb": cap, "skipped": "time budget"})
+            self.rows.append(report.skipped(label, bits, cap, "time budget"))
             return None
         gc.collect()
         if self.cuda:
@@ -200,7 +200,7 @@ def bench_bits(r: Runner, shape: ModelShape, bits: int, caps: list[float], tpl: 
         k = k_for_cap(cap, base_bytes, r.ctx, int(a.reserve_gb * 1e9), pinned, shape)
         log(f"cap {cap} GB → k = {k} experts per layer")
         if k < shape.top_k:
-            r.rows.append({"variant": "c/p", "bits": bits, "cap_gb": cap, "skipped": f"k={k} < top_k"})
+            r.rows.append(report.skipped("c/p", bits, cap, f"k={k} < top_k"))
             continue
         if "c" in variants:
             r.run("c_lru_pinned", lambda: LRU(pinned, dev, k, L, E), bits, cap, k, a.new_tokens, graphs=graphs)
@@ -233,7 +233,7 @@ def inloop_workers(r: Runner, shape: ModelShape, caps: list[float], tpl: list[An
     except Exception as e:  # noqa: BLE001 - keep the coordinator runs
         import traceback
         traceback.print_exc()
-        r.rows.append({"variant": "d_inloop_workers_shm", "bits": 2, "cap_gb": None, "skipped": f"error: {e}"[:300]})
+        r.rows.append(report.skipped("d_inloop_workers_shm", 2, None, e))
     finally:
         from coordinator.pinning import PROCESS_REGISTRY
         torch.cuda.synchronize()

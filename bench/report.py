@@ -8,6 +8,16 @@ from typing import Any
 OURS = ("d_", "e_", "p_")
 
 
+def skipped(variant: str, bits: int, cap: float | None, why: str | BaseException) -> dict[str, Any]:
+    """The row of a run that did not happen. Its reason is one line, a cell of the markdown table; for a
+    failure, "error: " and the message's last line, which says why (a server's startup error ends with its own
+    last line of output; the whole of it is in the server's log)."""
+    if isinstance(why, BaseException):
+        lines = [ln.strip() for ln in str(why).splitlines() if ln.strip()] or [type(why).__name__]
+        why = "error: " + ("... " if len(lines) > 1 else "") + lines[-1].removeprefix("error: ")[-280:]
+    return {"variant": variant, "bits": bits, "cap_gb": cap, "skipped": why[:300]}
+
+
 def _a_row(rows: list[dict[str, Any]], bits: int) -> dict[str, Any] | None:
     return next((r for r in rows if r.get("variant") == "a_resident" and r.get("bits") == bits
                  and "skipped" not in r), None)

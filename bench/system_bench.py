@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bench import in_process
+from bench import in_process, report
 from bench.synth import ModelShape, spec_of
 from deploy.server_process import ServerProcess
 from expert_workers.format import ExpertManifest, QuantSpec, quant_fingerprint
@@ -186,26 +186,22 @@ def run(shape: ModelShape, templates: list[tuple[np.ndarray, ExpertManifest]], c
         _in_process_runs(ckpt, addrs, caps, prompt, args, ctx_bytes, log, over_budget, rows, templates, inloop)
         for name, cap, extra, n in coordinator_plan(args, caps):
             if over_budget(60 + n * args.sys_requests * (0.1 if name.startswith("e_") else 0.03)):
-                rows.append(_skipped(name, spec.bits, cap, "time budget"))
+                rows.append(report.skipped(name, spec.bits, cap, "time budget"))
                 log(f"SKIP {name} {cap}: time budget")
                 continue
             cmd = _coordinator_cmd(ckpt, addrs, args.device, cap, extra)
             got = _coordinator_run(cmd, work / f"coord-{name}-{cap}.log", env, prompt, args, n, log)
-            if "error" in got:
-                rows.append(_skipped(name, spec.bits, cap, got["error"]))
+            if isinstance(got, BaseException):
+                rows.append(report.skipped(name, spec.bits, cap, got))
                 continue
             rows.append(_row_of(got, name, spec.bits, cap, shape, templates[0][1].nbytes, ctx_bytes))
             log(_describe(rows[-1]))
     except (RuntimeError, TimeoutError) as e:
         log(f"system bench failed: {e}\n" + "\n".join(_tail(f) for f in sorted(work.glob("worker*.log"))))
-        rows.append(_skipped("d/e", spec.bits, None, f"error: {e}"))
+        rows.append(report.skipped("d/e", spec.bits, None, e))
     finally:
         for w in workers:
             w.stop(timeout=8)
-
-
-def _skipped(name: str, bits: int, cap: float | None, why: str) -> Row:
-    return {"variant": name, "bits": bits, "cap_gb": cap, "skipped": why[:300]}
 
 
 def _server_env(work: Path) -> dict[str, str]:
@@ -268,32 +264,24 @@ def coordinator_plan(args: Any, caps: list[float]) -> list[tuple[str, float, lis
 
 
 def _coordinator_run(cmd: list[str], log_path: Path, env: dict[str, str], prompt: list[int], args: Any, n: int,
-                     log: Callable[[str], None]) -> Row:
-    """Starts one coordinator process, times its requests, stops it: {"stats", "wall", "up"}, or {"error"}
+                     log: Callable[[str], None]) -> Row | BaseException:
+    """Starts one coordinator process, times its requests, stops it: {"stats", "wall", "up"}, or the exception
     (logged with the process's last lines) when it did not start or a request failed."""
     t1 = time.perf_counter()
     try:
         coord = ServerProcess.start(cmd, env=env, timeout=300, log_path=log_path)
     except (RuntimeError, TimeoutError) as e:
         log(f"{log_path.stem} did not start:\n" + _tail(log_path))
-        return _error(e)
+        return e
     try:
         up = time.perf_counter() - t1
         stats, wall = _run_requests(coord.address, prompt, args.warmup, n, args.sys_requests)
         return {"stats": stats, "wall": wall, "up": up}
     except Exception as e:  # noqa: BLE001 - record the failure, keep the other runs
         log(f"{log_path.stem} failed: {e}\n" + _tail(log_path))
-        return _error(e)
+        return e
     finally:
         coord.stop(timeout=8)
-
-
-def _error(e: BaseException) -> Row:
-    """A failed run's reason for its row, on one line (a cell of the markdown table): the message's last line,
-    which says why (a server's startup error ends with its own last line of output; all of it is in the log)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-    last = lines[-1].removeprefix("error: ")
-    return {"error": "error: " + ("... " if len(lines) > 1 else "") + last[-280:]}
 
 
 def _row_of(run: Row, name: str, bits: int, cap: float, shape: ModelShape, expert_bytes: int,

@@ -183,8 +183,6 @@ def test_far_guess_engine_serves_the_most_urgent_load_a_block_at_a_time() -> Non
 def test_far_guess_takes_a_guess_count_per_distance() -> None:
     """``replay(top=(2, 0))`` guesses two experts one layer ahead and none two ahead: the same loads and time as
     reach 1, top 2; guessing two ahead as well, on routing the guesses miss, loads more."""
-    import numpy as np
-
     from bench.far_guess import replay
 
     rng = np.random.default_rng(0)
